@@ -1,0 +1,14 @@
+"""MiMo-V2-Flash in JAX / Flax NNX.
+
+Public API: `load_hf`, `save_hf`, `MiMoV2Flash`, `ModelOutput`, `ModelConfig`, `Config`, `load_config`.
+"""
+
+from mimo_jax.config import Config, ConfigError, ModelConfig, load_config
+from mimo_jax.hf_io import load_hf, save_hf
+from mimo_jax.model import MiMoV2Flash, ModelOutput
+from mimo_jax.safetensors_io import CheckpointError
+
+__all__ = [
+    "CheckpointError", "Config", "ConfigError", "MiMoV2Flash", "ModelConfig", "ModelOutput",
+    "load_config", "load_hf", "save_hf",
+]

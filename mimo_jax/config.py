@@ -1,0 +1,513 @@
+"""Configuration: one frozen dataclass tree, loadable from YAML presets and HF `config.json`.
+
+Window convention (used everywhere in this package): `sliding_window` is the number of *previous*
+positions a sliding-window query sees besides itself. The released model uses 128, which is
+SGLang's `sliding_window_size` and transformers' `sliding_window - 1` (transformers counts the
+query too, so it stores 129).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import yaml
+
+GLOBAL = "global"
+SWA = "swa"
+DENSE = "dense"
+MOE = "moe"
+
+ATTENTION_IMPLS = ("xla",)
+MOE_IMPLS = ("ragged_dot", "dense")
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a MiMo-V2-Flash model."""
+
+
+def release_layer_types(num_layers: int = 48) -> tuple[str, ...]:
+    """Global attention at layer 0 and every 6th layer; sliding window elsewhere."""
+    return tuple(GLOBAL if i == 0 or (i + 1) % 6 == 0 else SWA for i in range(num_layers))
+
+
+def release_mlp_types(num_layers: int = 48) -> tuple[str, ...]:
+    return (DENSE,) + (MOE,) * (num_layers - 1)
+
+
+def _check_choices(field: str, values: Sequence[str], allowed: Sequence[str]) -> None:
+    for v in values:
+        if v not in allowed:
+            raise ConfigError(f"{field}: {v!r} is not one of {list(allowed)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a MiMo-V2-Flash model. Defaults are the released 309B model."""
+
+    vocab_size: int = 152576
+    hidden_size: int = 4096
+    num_layers: int = 48
+    layer_types: tuple[str, ...] = release_layer_types()
+    mlp_types: tuple[str, ...] = release_mlp_types()
+    num_attention_heads: int = 64
+    global_kv_heads: int = 4
+    swa_kv_heads: int = 8
+    qk_head_dim: int = 192
+    v_head_dim: int = 128
+    partial_rotary_factor: float = 0.334
+    global_rope_theta: float = 5_000_000.0
+    swa_rope_theta: float = 10_000.0
+    sliding_window: int = 128
+    attention_value_scale: float = 0.707
+    swa_attention_sinks: bool = True
+    global_attention_sinks: bool = False
+    intermediate_size: int = 16384
+    moe_intermediate_size: int = 2048
+    num_experts: int = 256
+    num_experts_per_token: int = 8
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    rms_norm_eps: float = 1e-5
+    num_mtp_heads: int = 3
+    max_position_embeddings: int = 262144
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | None = 151645
+    pad_token_id: int | None = 151643
+    param_dtype: str = "float32"
+    dtype: str = "bfloat16"
+    attention_impl: str = "xla"
+    moe_impl: str = "ragged_dot"
+
+    def __post_init__(self):
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        object.__setattr__(self, "mlp_types", tuple(self.mlp_types))
+        for name in ("layer_types", "mlp_types"):
+            if len(getattr(self, name)) != self.num_layers:
+                raise ConfigError(
+                    f"model.{name} has {len(getattr(self, name))} entries but model.num_layers is {self.num_layers}"
+                )
+        _check_choices("model.layer_types", self.layer_types, (GLOBAL, SWA))
+        _check_choices("model.mlp_types", self.mlp_types, (DENSE, MOE))
+        _check_choices("model.attention_impl", (self.attention_impl,), ATTENTION_IMPLS)
+        _check_choices("model.moe_impl", (self.moe_impl,), MOE_IMPLS)
+        for heads_field in ("global_kv_heads", "swa_kv_heads"):
+            kv = getattr(self, heads_field)
+            if kv <= 0 or self.num_attention_heads % kv:
+                raise ConfigError(
+                    f"model.{heads_field}={kv} must divide model.num_attention_heads={self.num_attention_heads}"
+                )
+        if not 0 < self.rotary_dim <= self.qk_head_dim or self.rotary_dim % 2:
+            raise ConfigError(
+                f"model.partial_rotary_factor={self.partial_rotary_factor} gives rotary dim {self.rotary_dim}, "
+                f"which must be even and in (0, qk_head_dim={self.qk_head_dim}]"
+            )
+        if self.sliding_window < 0:
+            raise ConfigError(f"model.sliding_window must be >= 0, got {self.sliding_window}")
+        if MOE in self.mlp_types:
+            if not 0 < self.num_experts_per_token <= self.num_experts:
+                raise ConfigError(
+                    f"model.num_experts_per_token={self.num_experts_per_token} must be in [1, num_experts={self.num_experts}]"
+                )
+            if self.num_experts % self.n_group or not 0 < self.topk_group <= self.n_group:
+                raise ConfigError(
+                    f"model.n_group={self.n_group} must divide num_experts={self.num_experts} and "
+                    f"model.topk_group={self.topk_group} must be in [1, n_group]"
+                )
+            if self.n_group > 1 and self.num_experts // self.n_group < 2:
+                raise ConfigError("group-limited routing scores a group by its top-2 experts: each group needs >= 2")
+            if self.topk_group * (self.num_experts // self.n_group) < self.num_experts_per_token:
+                raise ConfigError(
+                    f"model.topk_group={self.topk_group} groups of {self.num_experts // self.n_group} experts "
+                    f"cannot supply num_experts_per_token={self.num_experts_per_token} experts"
+                )
+        if self.num_mtp_heads < 0:
+            raise ConfigError(f"model.num_mtp_heads must be >= 0, got {self.num_mtp_heads}")
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.qk_head_dim * self.partial_rotary_factor)
+
+    def kv_heads(self, layer_type: str) -> int:
+        return self.global_kv_heads if layer_type == GLOBAL else self.swa_kv_heads
+
+    def rope_theta(self, layer_type: str) -> float:
+        return self.global_rope_theta if layer_type == GLOBAL else self.swa_rope_theta
+
+    def has_sinks(self, layer_type: str) -> bool:
+        return self.global_attention_sinks if layer_type == GLOBAL else self.swa_attention_sinks
+
+    def window(self, layer_type: str) -> int | None:
+        return None if layer_type == GLOBAL else self.sliding_window
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, t in enumerate(self.mlp_types) if t == MOE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole configuration tree; each later subsystem adds its own section."""
+
+    model: ModelConfig = ModelConfig()
+
+
+# ---------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts (YAML, overrides)
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def from_dict(cls, data: Mapping[str, Any], where: str = ""):
+    """Builds dataclass `cls` from a nested mapping; unknown keys are errors listing valid ones."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    fields = _field_types(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join((where + '.' if where else '') + k for k in unknown)}; "
+            f"valid keys{' under ' + where if where else ''}: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        default = fields[name].default
+        path = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = from_dict(type(default), value, path)
+        else:
+            kwargs[name] = _coerce(path, value, default)
+    return cls(**kwargs)
+
+
+def _coerce(path: str, value: Any, default: Any) -> Any:
+    """Checks a leaf against the type of its default (YAML gives ints for floats, lists for tuples)."""
+    if isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return tuple(value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if isinstance(default, int) or default is None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            if default is None or not isinstance(value, float) or not value.is_integer():
+                raise ConfigError(f"{path}: expected an integer, got {value!r}")
+            value = int(value)
+        return value
+    if isinstance(default, str) and not isinstance(value, str):
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    return value
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = to_dict(v) if dataclasses.is_dataclass(v) else (list(v) if isinstance(v, tuple) else v)
+    return out
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """Applies `dotted.key=value` strings; values are parsed as YAML (`model.num_layers=4`)."""
+    data = to_dict(cfg)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        node = data
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(node, dict) or part not in node:
+                here = ".".join(parts[:i]) or "the top level"
+                valid = sorted(node) if isinstance(node, dict) else []
+                raise ConfigError(f"override {item!r}: no key {part!r} under {here}; valid keys: {', '.join(valid)}")
+            if i == len(parts) - 1:
+                node[part] = yaml.safe_load(raw)
+            else:
+                node = node[part]
+    return from_dict(Config, data)
+
+
+def resolve_config_path(name_or_path: str) -> str:
+    """A YAML file path, or a preset name from `configs/` (`tiny`, `mimo_v2_flash`)."""
+    if os.path.exists(name_or_path):
+        return name_or_path
+    preset = os.path.join(CONFIG_DIR, name_or_path if name_or_path.endswith(".yaml") else name_or_path + ".yaml")
+    if os.path.exists(preset):
+        return preset
+    presets = sorted(p[:-5] for p in os.listdir(CONFIG_DIR) if p.endswith(".yaml")) if os.path.isdir(CONFIG_DIR) else []
+    raise ConfigError(f"config {name_or_path!r}: no such file, and not a preset ({', '.join(presets)})")
+
+
+def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> Config:
+    """Loads a YAML preset/file or a HF `config.json` (file or directory), then applies overrides."""
+    path = name_or_path
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+        if not os.path.exists(path):
+            raise ConfigError(f"{name_or_path}: directory has no config.json")
+    if path.endswith(".json"):
+        with open(path) as f:
+            try:
+                hf = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        cfg = Config(model=model_config_from_hf(hf, source=path))
+    else:
+        path = resolve_config_path(path)
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        try:
+            cfg = from_dict(Config, data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    return apply_overrides(cfg, overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face config.json, both dialects
+
+HF_ARCHITECTURE = "MiMoV2FlashForCausalLM"
+HF_MODEL_TYPE = "mimo_v2_flash"
+_HF_LAYER_TYPE = {"full_attention": GLOBAL, "sliding_attention": SWA}
+_HF_MLP_TYPE = {"dense": DENSE, "sparse": MOE}
+
+# Keys that carry no information for this model (or are checked elsewhere, like quantization).
+_HF_IGNORED_KEYS = frozenset(
+    {
+        "architectures", "model_type", "auto_map", "transformers_version", "torch_dtype", "dtype", "use_cache",
+        "attention_dropout", "output_router_logits", "attention_chunk_size", "hybrid_block_size",
+        "quantization_config", "_name_or_path", "return_dict", "output_hidden_states", "output_attentions",
+        "router_aux_loss_coef", "aux_loss_alpha", "seq_aux", "moe_router_dtype", "_attn_implementation_autoset",
+        "chunk_size_feed_forward", "is_encoder_decoder", "tokenizer_class", "problem_type", "id2label", "label2id",
+        "scoring_func", "topk_method", "n_shared_experts", "hidden_act", "attention_bias", "rope_scaling",
+        "swa_num_attention_heads", "swa_head_dim", "swa_v_head_dim", "tie_word_embeddings", "num_nextn_predict_layers",
+    }
+)
+
+
+def model_config_from_hf(hf: Mapping[str, Any], source: str = "config.json", num_mtp_heads: int | None = None) -> ModelConfig:
+    """Reads a HF config in the hub dialect, transformers' dialect, or a consistent mix of both.
+
+    The hub config does not state the MTP head count; `num_mtp_heads` (e.g. counted from the
+    checkpoint's tensors) overrides `num_nextn_predict_layers`, which defaults to the release's 3.
+    """
+
+    def fail(msg: str):
+        raise ConfigError(f"{source}: {msg}")
+
+    arch = hf.get("architectures")
+    if arch is not None and list(arch) != [HF_ARCHITECTURE]:
+        fail(f"architectures {arch} is not supported (expected [{HF_ARCHITECTURE!r}])")
+    if hf.get("model_type", HF_MODEL_TYPE) != HF_MODEL_TYPE:
+        fail(f"model_type {hf['model_type']!r} is not supported (expected {HF_MODEL_TYPE!r})")
+    _check_hf_constants(hf, fail)
+
+    known = _HF_IGNORED_KEYS | set(_HF_DIRECT) | {
+        "num_hidden_layers", "layer_types", "hybrid_layer_pattern", "mlp_layer_types", "moe_layer_freq",
+        "sliding_window", "sliding_window_size", "rms_norm_eps", "layernorm_epsilon", "rope_parameters",
+        "rope_theta", "swa_rope_theta", "partial_rotary_factor", "num_key_value_heads", "swa_num_key_value_heads",
+        "routed_scaling_factor", "add_swa_attention_sink_bias", "add_full_attention_sink_bias",
+        "attention_value_scale", "bos_token_id", "eos_token_id", "pad_token_id",
+    }
+    unknown = sorted(set(hf) - known)
+    if unknown:
+        fail(f"unknown key(s) {unknown}")
+
+    kw: dict[str, Any] = {}
+    for hf_key, field in _HF_DIRECT.items():
+        if hf_key in hf:
+            kw[field] = hf[hf_key]
+    num_layers = hf.get("num_hidden_layers", 48)
+    kw["num_layers"] = num_layers
+
+    def agree(name_a: str, a: Any, name_b: str, b: Any) -> Any:
+        if a is not None and b is not None and a != b:
+            fail(f"contradictory keys: {name_a}={a!r} but {name_b}={b!r}")
+        return a if a is not None else b
+
+    layer_types = None
+    if "layer_types" in hf:
+        bad = [t for t in hf["layer_types"] if t not in _HF_LAYER_TYPE]
+        if bad:
+            fail(f"layer_types has unknown entries {sorted(set(bad))}")
+        layer_types = tuple(_HF_LAYER_TYPE[t] for t in hf["layer_types"])
+    pattern = None
+    if "hybrid_layer_pattern" in hf:
+        if any(p not in (0, 1) for p in hf["hybrid_layer_pattern"]):
+            fail("hybrid_layer_pattern entries must be 0 (global) or 1 (sliding window)")
+        pattern = tuple(SWA if p else GLOBAL for p in hf["hybrid_layer_pattern"])
+    kw["layer_types"] = agree("layer_types", layer_types, "hybrid_layer_pattern", pattern) or release_layer_types(num_layers)
+
+    mlp_types = tuple(_HF_MLP_TYPE.get(t, t) for t in hf["mlp_layer_types"]) if "mlp_layer_types" in hf else None
+    freq = hf.get("moe_layer_freq")
+    if isinstance(freq, int):
+        fail("moe_layer_freq as an integer is not supported; give a per-layer list")
+    freq_types = tuple(MOE if f else DENSE for f in freq) if freq is not None else None
+    kw["mlp_types"] = agree("mlp_layer_types", mlp_types, "moe_layer_freq", freq_types) or release_mlp_types(num_layers)
+
+    eps = agree("rms_norm_eps", hf.get("rms_norm_eps"), "layernorm_epsilon", hf.get("layernorm_epsilon"))
+    if eps is not None:
+        kw["rms_norm_eps"] = eps
+
+    # transformers' `sliding_window` counts the query; the hub's `sliding_window_size` does not. The hub
+    # config also carries a dead `sliding_window` equal to the size, which SGLang and transformers ignore.
+    size, hf_window = hf.get("sliding_window_size"), hf.get("sliding_window")
+    if size is not None:
+        if hf_window is not None and hf_window not in (size, size + 1):
+            fail(f"contradictory keys: sliding_window_size={size} but sliding_window={hf_window}")
+        kw["sliding_window"] = size
+    elif hf_window is not None:
+        kw["sliding_window"] = hf_window - 1
+
+    rope = hf.get("rope_parameters")
+    if rope is not None:
+        for hf_type in rope:
+            if hf_type not in _HF_LAYER_TYPE:
+                fail(f"rope_parameters has unknown layer type {hf_type!r}")
+            if rope[hf_type].get("rope_type", "default") != "default":
+                fail(f"rope_parameters[{hf_type!r}].rope_type={rope[hf_type]['rope_type']!r} is not supported")
+    rope = rope or {}
+    g_theta = agree("rope_theta", hf.get("rope_theta"), "rope_parameters.full_attention.rope_theta",
+                    rope.get("full_attention", {}).get("rope_theta"))
+    s_theta = agree("swa_rope_theta", hf.get("swa_rope_theta"), "rope_parameters.sliding_attention.rope_theta",
+                    rope.get("sliding_attention", {}).get("rope_theta"))
+    factors = {p["partial_rotary_factor"] for p in rope.values() if "partial_rotary_factor" in p}
+    if len(factors) > 1:
+        fail(f"different partial_rotary_factor per layer type {sorted(factors)} is not supported")
+    prf = agree("partial_rotary_factor", hf.get("partial_rotary_factor"), "rope_parameters.*.partial_rotary_factor",
+                factors.pop() if factors else None)
+    for field, value in (("global_rope_theta", g_theta), ("swa_rope_theta", s_theta), ("partial_rotary_factor", prf)):
+        if value is not None:
+            kw[field] = float(value)
+
+    if "num_key_value_heads" in hf:
+        kw["global_kv_heads"] = hf["num_key_value_heads"]
+        # transformers derives the SWA kv heads as twice the global ones; the hub states them.
+        kw["swa_kv_heads"] = hf.get("swa_num_key_value_heads", 2 * hf["num_key_value_heads"])
+    elif "swa_num_key_value_heads" in hf:
+        kw["swa_kv_heads"] = hf["swa_num_key_value_heads"]
+    if hf.get("routed_scaling_factor") is not None:
+        kw["routed_scaling_factor"] = float(hf["routed_scaling_factor"])
+    if hf.get("attention_value_scale") is not None:
+        kw["attention_value_scale"] = float(hf["attention_value_scale"])
+    kw["swa_attention_sinks"] = hf.get("add_swa_attention_sink_bias", True)
+    kw["global_attention_sinks"] = hf.get("add_full_attention_sink_bias", False)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if key in hf:
+            value = hf[key]
+            kw[key] = value[0] if isinstance(value, list) and value else value
+    if num_mtp_heads is None:
+        num_mtp_heads = hf.get("num_nextn_predict_layers", 3)
+    kw["num_mtp_heads"] = num_mtp_heads
+    try:
+        return ModelConfig(**{k: _coerce(k, v, getattr(ModelConfig, k)) for k, v in kw.items()})
+    except ConfigError as e:
+        fail(str(e))
+
+
+_HF_DIRECT = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "head_dim": "qk_head_dim",
+    "v_head_dim": "v_head_dim",
+    "intermediate_size": "intermediate_size",
+    "moe_intermediate_size": "moe_intermediate_size",
+    "n_routed_experts": "num_experts",
+    "num_experts_per_tok": "num_experts_per_token",
+    "n_group": "n_group",
+    "topk_group": "topk_group",
+    "norm_topk_prob": "norm_topk_prob",
+    "max_position_embeddings": "max_position_embeddings",
+    "initializer_range": "initializer_range",
+}
+
+# Keys whose only supported value is fixed by the architecture.
+_HF_CONSTANTS = {
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "scoring_func": "sigmoid",
+    "topk_method": "noaux_tc",
+    "tie_word_embeddings": False,
+    "rope_scaling": None,
+    "n_shared_experts": None,
+}
+
+
+def _check_hf_constants(hf: Mapping[str, Any], fail) -> None:
+    for key, expected in _HF_CONSTANTS.items():
+        if key in hf and hf[key] != expected and not (key == "n_shared_experts" and hf[key] == 0):
+            fail(f"{key}={hf[key]!r} is not supported (MiMo-V2-Flash uses {expected!r})")
+    heads = hf.get("num_attention_heads")
+    for key, same_as in (("swa_num_attention_heads", heads), ("swa_head_dim", hf.get("head_dim")),
+                         ("swa_v_head_dim", hf.get("v_head_dim"))):
+        if key in hf and same_as is not None and hf[key] != same_as:
+            fail(f"{key}={hf[key]} differs from the global layers' value {same_as}; this port needs them equal")
+
+
+def model_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """A config.json that the hub tools (SGLang, vLLM) and transformers all read the same way.
+
+    transformers derives SWA kv heads as twice the global ones and always puts sinks on SWA layers
+    only; a model outside that (allowed here through the hub keys) loads in the hub tools alone.
+    """
+    inv_layer = {v: k for k, v in _HF_LAYER_TYPE.items()}
+    inv_mlp = {v: k for k, v in _HF_MLP_TYPE.items()}
+    rope = {
+        "full_attention": {"rope_type": "default", "rope_theta": cfg.global_rope_theta,
+                           "partial_rotary_factor": cfg.partial_rotary_factor},
+        "sliding_attention": {"rope_type": "default", "rope_theta": cfg.swa_rope_theta,
+                              "partial_rotary_factor": cfg.partial_rotary_factor},
+    }
+    out = {"architectures": [HF_ARCHITECTURE], "model_type": HF_MODEL_TYPE}
+    out.update({hf_key: getattr(cfg, field) for hf_key, field in _HF_DIRECT.items()})
+    out.update(
+        num_hidden_layers=cfg.num_layers,
+        num_key_value_heads=cfg.global_kv_heads,
+        swa_num_key_value_heads=cfg.swa_kv_heads,
+        layer_types=[inv_layer[t] for t in cfg.layer_types],
+        hybrid_layer_pattern=[int(t == SWA) for t in cfg.layer_types],
+        mlp_layer_types=[inv_mlp[t] for t in cfg.mlp_types],
+        moe_layer_freq=[int(t == MOE) for t in cfg.mlp_types],
+        sliding_window=cfg.sliding_window + 1,
+        sliding_window_size=cfg.sliding_window,
+        rope_parameters=rope,
+        rope_theta=cfg.global_rope_theta,
+        swa_rope_theta=cfg.swa_rope_theta,
+        partial_rotary_factor=cfg.partial_rotary_factor,
+        rms_norm_eps=cfg.rms_norm_eps,
+        layernorm_epsilon=cfg.rms_norm_eps,
+        attention_value_scale=cfg.attention_value_scale,
+        add_swa_attention_sink_bias=cfg.swa_attention_sinks,
+        add_full_attention_sink_bias=cfg.global_attention_sinks,
+        routed_scaling_factor=cfg.routed_scaling_factor,
+        num_nextn_predict_layers=cfg.num_mtp_heads,
+        hidden_act="silu",
+        attention_bias=False,
+        scoring_func="sigmoid",
+        topk_method="noaux_tc",
+        tie_word_embeddings=False,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id,
+        pad_token_id=cfg.pad_token_id,
+    )
+    return out

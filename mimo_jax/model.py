@@ -1,0 +1,140 @@
+"""The MiMo-V2-Flash model in Flax NNX: embedding, scanned hybrid-attention stack, MTP heads."""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mimo_jax.config import DENSE, SWA, ModelConfig
+from mimo_jax.layer_plan import Segment, plan_layers
+from mimo_jax.layers import Attention, DenseMLP, RMSNorm, make_param
+from mimo_jax.moe import MoE
+
+
+@flax.struct.dataclass
+class ModelOutput:
+    logits: jax.Array  # [B, T, V]
+    mtp_logits: jax.Array | None  # [K, B, T, V]; head k at position j predicts token j + k + 2
+    hidden: jax.Array  # [B, T, D], after the final norm (what the MTP heads read)
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: x + attn(norm(x)), then + ffn(norm(x)). FFN is dense SwiGLU or MoE."""
+
+    def __init__(self, cfg: ModelConfig, layer_type: str, mlp_type: str, stack=(), *, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(cfg, stack, rngs=rngs)
+        self.attn = Attention(cfg, layer_type, stack, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg, stack, rngs=rngs)
+        self.mlp = DenseMLP(cfg, stack, rngs=rngs) if mlp_type == DENSE else MoE(cfg, stack, rngs=rngs)
+
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT=None):
+        x_BTD = x_BTD + self.attn(self.input_norm(x_BTD), positions_BT, segment_ids_BT)
+        return x_BTD + self.mlp(self.post_attn_norm(x_BTD))
+
+
+class LayerSegment(nnx.Module):
+    """`repeats` x (runs of identical layers); params of run r are stacked [repeats, length, ...]."""
+
+    def __init__(self, cfg: ModelConfig, segment: Segment, *, rngs: nnx.Rngs):
+        self.segment = segment
+        self.runs = nnx.List(
+            [DecoderLayer(cfg, *run.kind, stack=(segment.repeats, run.length), rngs=rngs) for run in segment.runs]
+        )
+
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT=None):
+        splits = [nnx.split(run) for run in self.runs]
+        graphdefs = [g for g, _ in splits]
+
+        def period(x, states):
+            for graphdef, state in zip(graphdefs, states):
+
+                def layer(x, layer_state, graphdef=graphdef):
+                    return nnx.merge(graphdef, layer_state)(x, positions_BT, segment_ids_BT), None
+
+                x, _ = jax.lax.scan(layer, x, state)
+            return x, None
+
+        x_BTD, _ = jax.lax.scan(period, x_BTD, tuple(s for _, s in splits))
+        return x_BTD
+
+
+class MTPHead(nnx.Module):
+    """One multi-token-prediction block; the model stacks K of them on a leading axis.
+
+    z = eh_proj([enorm(embed(token j+k+1)), hnorm(h_j)]); z += SWA-attn(norm(z)); z += FFN(norm(z));
+    returns final_norm(z), to be read by the shared lm_head.
+    """
+
+    def __init__(self, cfg: ModelConfig, stack=(), *, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.enorm = RMSNorm(cfg, stack, rngs=rngs)
+        self.hnorm = RMSNorm(cfg, stack, rngs=rngs)
+        self.eh_proj = make_param(rngs, (2 * d, d), (None, "embed"), cfg.param_dtype, stack, std=cfg.initializer_range)
+        self.block = DecoderLayer(cfg, SWA, DENSE, stack, rngs=rngs)
+        self.final_norm = RMSNorm(cfg, stack, rngs=rngs)
+
+    def __call__(self, hidden_BTD, token_embeds_BTD, positions_BT, segment_ids_BT=None):
+        dt = hidden_BTD.dtype
+        eh_BT2D = jnp.concatenate([self.enorm(token_embeds_BTD), self.hnorm(hidden_BTD)], axis=-1)
+        z_BTD = eh_BT2D @ self.eh_proj[...].astype(dt)
+        return self.final_norm(self.block(z_BTD, positions_BT, segment_ids_BT))
+
+
+def positions_from_segments(segment_ids_BT):
+    """Each packed document counts positions from 0."""
+    t = segment_ids_BT.shape[1]
+    idx_BT = jnp.broadcast_to(jnp.arange(t), segment_ids_BT.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids_BT[:, :1], bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+    return idx_BT - jax.lax.cummax(jnp.where(starts, idx_BT, 0), axis=1)
+
+
+def shift_tokens(input_ids_BT, shift: int, fill: int = 0):
+    """Token j + shift at position j; positions past the end get `fill` (their outputs have no target)."""
+    return jnp.concatenate([input_ids_BT[:, shift:], jnp.full_like(input_ids_BT[:, :shift], fill)], axis=1)
+
+
+class MiMoV2Flash(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        std, dt = cfg.initializer_range, cfg.param_dtype
+        self.embed = make_param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt, std=std)
+        self.plan = plan_layers(tuple(zip(cfg.layer_types, cfg.mlp_types)))
+        self.segments = nnx.List([LayerSegment(cfg, seg, rngs=rngs) for seg in self.plan])
+        self.final_norm = RMSNorm(cfg, rngs=rngs)
+        self.lm_head = make_param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt, std=std)
+        self.mtp = MTPHead(cfg, stack=(cfg.num_mtp_heads,), rngs=rngs) if cfg.num_mtp_heads else None
+
+    def embed_tokens(self, ids):
+        return jnp.take(self.embed[...], ids, axis=0).astype(self.config.dtype)
+
+    def logits(self, hidden):
+        return jnp.einsum("...d,dv->...v", hidden, self.lm_head[...].astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+    def __call__(self, input_ids_BT, segment_ids_BT=None, positions_BT=None) -> ModelOutput:
+        if positions_BT is None:
+            positions_BT = (
+                positions_from_segments(segment_ids_BT)
+                if segment_ids_BT is not None
+                else jnp.broadcast_to(jnp.arange(input_ids_BT.shape[1]), input_ids_BT.shape)
+            )
+        x_BTD = self.embed_tokens(input_ids_BT)
+        for segment in self.segments:
+            x_BTD = segment(x_BTD, positions_BT, segment_ids_BT)
+        hidden_BTD = self.final_norm(x_BTD)
+        mtp_logits = None
+        if self.mtp is not None:
+            mtp_logits = self.logits(self.mtp_hidden(hidden_BTD, input_ids_BT, positions_BT, segment_ids_BT))
+        return ModelOutput(logits=self.logits(hidden_BTD), mtp_logits=mtp_logits, hidden=hidden_BTD)
+
+    def mtp_hidden(self, hidden_BTD, input_ids_BT, positions_BT, segment_ids_BT=None):
+        """[K, B, T, D]: the heads are not chained, so they all run at once on the main hidden state."""
+        k = self.config.num_mtp_heads
+        embeds_KBTD = jnp.stack([self.embed_tokens(shift_tokens(input_ids_BT, i + 1)) for i in range(k)])
+        graphdef, state = nnx.split(self.mtp)
+
+        def head(head_state, embeds_BTD):
+            return nnx.merge(graphdef, head_state)(hidden_BTD, embeds_BTD, positions_BT, segment_ids_BT)
+
+        return jax.vmap(head)(state, embeds_KBTD)
