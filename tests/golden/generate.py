@@ -10,9 +10,11 @@ It deletes and rewrites these folders under tests/golden/ (and nothing else):
     hybrid_a/  7-layer hybrid GA/SWA + dense/MoE model, saved with save_pretrained (hub naming, one file)
     pattern_b/ other layer pattern, group-limited routing, scaling knobs, sharded save_pretrained
     fused_c/   the hybrid_a weights in transformers' native (fused-expert) state_dict layout
-    fp8_d/     block-FP8 (e4m3, 128x128) hub-style checkpoint incl. the GA K/V fused-scale layout (spec 2.3)
+    fp8_d/     block-FP8 (e4m3, 128x128) hub-style checkpoint incl. the GA K/V fused-scale layout (spec 2.3);
+               unquantised tensors BF16 (router, correction bias, sinks F32)
 
-Every folder holds a loadable checkpoint (config.json + *.safetensors) and golden.npz with
+Every folder holds only a loadable checkpoint (config.json + *.safetensors [+ index]; generation_config.json
+is deleted) and golden.npz with
 `input_ids` int32 [2, 24] and `logits` float32 [2, 24, vocab] from transformers' eager fp32 forward
 (no attention_mask, i.e. plain causal). Never hand-edit the fixtures; rerun this script.
 """
@@ -37,6 +39,7 @@ from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM
 HERE = os.path.dirname(os.path.abspath(__file__))
 BATCH, SEQ = 2, 24
 FP8_BLOCK = 128
+MAX_TOTAL_BYTES = 4 * 2**20  # all four folders together (asserted at the end)
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 COMMON = dict(attn_implementation="eager", experts_implementation="eager")
@@ -632,6 +635,8 @@ def main() -> None:
             total += size
             print(f"  {name}/{fn}: {size} bytes")
     print(f"total: {total} bytes ({total / 2**20:.2f} MiB)")
+    if total >= MAX_TOTAL_BYTES:
+        raise RuntimeError(f"fixtures total {total} bytes, over the {MAX_TOTAL_BYTES} byte budget")
 
 
 if __name__ == "__main__":
