@@ -97,6 +97,7 @@ class _Leaf:
     shape: tuple[int, ...]  # full shape, stack dims first
     dtype: np.dtype
     layer_type: str | None  # attention type of the layer holding it
+    logical_axes: tuple | None
 
     @property
     def base_shape(self):
@@ -147,7 +148,8 @@ def _leaves(model_state, plan) -> list[_Leaf]:
 
         if rel not in specs:
             raise KeyError(f"parameter {'.'.join(map(str, path))} has no Hugging Face name")
-        leaves.append(_Leaf(path, specs[rel], tuple(stack), prefix, tuple(value.shape), np.dtype(value.dtype), layer_type))
+        leaves.append(_Leaf(path, specs[rel], tuple(stack), prefix, tuple(value.shape), np.dtype(value.dtype), layer_type,
+                             var.get_metadata().get("logical_axes")))
     return leaves
 
 
@@ -169,7 +171,7 @@ class _HFTensors:
         array = self.reader.read(name)
         scale_name = name + SCALE_SUFFIX
         if scale_name not in self.reader:
-            if array.dtype.itemsize == 1 and array.dtype.kind == "V" or array.dtype == fp8.FP8:
+            if array.dtype == fp8.FP8:
                 raise CheckpointError(f"{self.describe(name)} is FP8 but has no {scale_name}")
             return array
         scale = self.reader.read(scale_name)
@@ -296,7 +298,7 @@ def load_hf(path: str, dtype=jnp.bfloat16, *, sharding: Callable | None = None, 
 
 
 def _load_leaf(leaf: _Leaf, tensors: _HFTensors, sharding: Callable | None):
-    target = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if sharding is None else sharding(leaf.path, leaf.shape, None)
+    target = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if sharding is None else sharding(leaf.path, leaf.shape, leaf.logical_axes)
     n_stack = len(leaf.stack)
 
     def callback(index: tuple[slice, ...]) -> np.ndarray:
@@ -454,7 +456,7 @@ def _write_files(path: str, entries: list[_Entry], max_shard_bytes: int, progres
     weight_map = {}
     for file_name, group in files.items():
 
-        def counted(entry: _Entry):
+        def counted(entry: _Entry, file_name=file_name):
             nonlocal done
             done += 1
             report(done, f"{file_name}: {entry.name}")

@@ -182,3 +182,32 @@ def test_unknown_architecture(checkpoint_copy):
     (checkpoint_copy / "config.json").write_text(json.dumps(config))
     message = _one_line_error(ConfigError, checkpoint_copy)
     assert "DeepseekV3ForCausalLM" in message and "config.json" in message
+
+
+def test_sharding_callback_places_each_parameter_with_its_logical_axes():
+    import jax
+
+    calls = {}
+
+    def place(path, shape, logical_axes):
+        calls[path] = (shape, logical_axes)
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    model = load_hf(os.path.join(GOLDEN_DIR, "hybrid_a"), jnp.float32, sharding=place)
+    flat = dict(nnx.to_flat_state(nnx.state(model)))
+    assert calls.keys() == flat.keys()
+    assert calls[("embed",)] == (flat[("embed",)].get_value().shape, ("vocab", "embed"))
+    expert_path = next(p for p in calls if p[-1] == "w_gate")
+    assert calls[expert_path][1] == ("layers", "layers", "experts", "embed", "mlp")
+
+
+def test_mtp_file_is_read_even_when_the_index_does_not_list_it(tmp_path, small_overrides):
+    model = _small_model(small_overrides)
+    save_hf(model, str(tmp_path))
+    index_path = tmp_path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != "model_mtp.safetensors"}
+    index_path.write_text(json.dumps(index))
+    loaded = load_hf(str(tmp_path), jnp.float32)
+    assert loaded.config.num_mtp_heads == 3
+    np.testing.assert_array_equal(loaded.mtp.eh_proj[...], model.mtp.eh_proj[...])
