@@ -103,16 +103,19 @@ class _Leaf:
     def base_shape(self):
         return self.shape[len(self.stack):]
 
+    @property
+    def tensor_shape(self):
+        """Our shape of what one HF tensor holds: one expert's slice for expert weights."""
+        return self.base_shape[1:] if self.spec.per_expert else self.base_shape
+
     def hf_shape(self) -> tuple[int, ...]:
-        """Shape of one HF tensor (per expert for expert weights)."""
-        base = self.base_shape[1:] if self.spec.per_expert else self.base_shape
+        base = self.tensor_shape
         if self.spec.n_in is None:
             return tuple(base)
         return (math.prod(base[self.spec.n_in:]), math.prod(base[: self.spec.n_in]))
 
     def to_ours(self, hf_array: np.ndarray) -> np.ndarray:
-        base = self.base_shape[1:] if self.spec.per_expert else self.base_shape
-        return hf_array if self.spec.n_in is None else hf_array.T.reshape(base)
+        return hf_array if self.spec.n_in is None else hf_array.T.reshape(self.tensor_shape)
 
     def to_hf(self, ours: np.ndarray) -> np.ndarray:
         if self.spec.n_in is None:
