@@ -10,6 +10,7 @@ against the safetensors headers before any weight is read.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -117,6 +118,13 @@ class _Leaf:
     def to_ours(self, hf_array: np.ndarray) -> np.ndarray:
         return hf_array if self.spec.n_in is None else hf_array.T.reshape(self.tensor_shape)
 
+    def source(self, prefix: str, reader: CheckpointReader) -> str:
+        """The stored name of a non-expert tensor: the hub's, else transformers' alternative."""
+        name = prefix + self.spec.name
+        if name not in reader and self.spec.alt and prefix + self.spec.alt in reader:
+            return prefix + self.spec.alt
+        return name
+
     def to_hf(self, ours: np.ndarray) -> np.ndarray:
         if self.spec.n_in is None:
             return ours
@@ -215,10 +223,7 @@ def _expected_tensors(leaf: _Leaf, prefix: str, reader: CheckpointReader) -> dic
         out, inn = leaf.hf_shape()
         fused_rows = out * (2 if spec.alt_part is not None else 1)
         return {prefix + spec.alt: (num_experts, fused_rows, inn)}
-    name = prefix + spec.name
-    if name not in reader and spec.alt and prefix + spec.alt in reader:
-        name = prefix + spec.alt
-    return {name: leaf.hf_shape()}
+    return {leaf.source(prefix, reader): leaf.hf_shape()}
 
 
 def _count_mtp_heads(reader: CheckpointReader) -> int:
@@ -323,9 +328,7 @@ def _read_entry(leaf: _Leaf, tensors: _HFTensors, prefix: str, base_index: tuple
         experts = range(*base_index[0].indices(leaf.base_shape[0]))
         stacked = np.stack([leaf.to_ours(np.asarray(tensors.expert(leaf, prefix, e)))[base_index[1:]] for e in experts])
         return stacked.astype(leaf.dtype)
-    name = prefix + leaf.spec.name
-    if name not in tensors.reader and leaf.spec.alt:
-        name = prefix + leaf.spec.alt
+    name = leaf.source(prefix, tensors.reader)
     return leaf.to_ours(np.asarray(tensors.read(name)))[base_index].astype(leaf.dtype)
 
 
@@ -363,6 +366,12 @@ def save_hf(model: MiMoV2Flash, path: str, dtype=None, *, max_shard_bytes: int =
     plain = np.dtype(ml_dtypes.bfloat16) if quantized else cast
     _, state = nnx.split(model)
     values = dict(nnx.to_flat_state(state))
+
+    # Entries are written in order, so the experts of one layer share one host copy of its slice.
+    @functools.lru_cache(maxsize=1)
+    def host_slice(path, idx):
+        return np.asarray(jax.device_get(values[path].get_value()[idx]))
+
     entries = []
     for leaf in _leaves(state, model.plan):
         out_dtype = np.dtype(np.float32) if leaf.path[-1] in _KEEP_FP32 else (plain or leaf.dtype)
@@ -371,7 +380,7 @@ def save_hf(model: MiMoV2Flash, path: str, dtype=None, *, max_shard_bytes: int =
             for e in range(leaf.base_shape[0]) if leaf.spec.per_expert else [None]:
 
                 def produce(leaf=leaf, idx=idx, e=e):
-                    host = np.asarray(jax.device_get(values[leaf.path].get_value()[idx]))
+                    host = host_slice(leaf.path, idx)
                     return leaf.to_hf(host if e is None else host[e]).astype(np.float32)
 
                 entry = _Entry(leaf.prefix(idx) + leaf.spec.name.format(e=e), leaf.hf_shape(), out_dtype, produce, group)
@@ -419,6 +428,7 @@ def _quantize_entries(entries, cfg: ModelConfig) -> list[_Entry]:
             which = "kv".index(kv.group(2))
             k_make, v_make = producers[kv.group(1) + "k_proj.weight"], producers[kv.group(1) + "v_proj.weight"]
 
+            @functools.lru_cache(maxsize=1)
             def make(which=which, k_make=k_make, v_make=v_make, shards=shards):
                 kq, ks, vq, vs = fp8.quantize_fused_kv(k_make(), v_make(), shards)
                 return ((kq, ks), (vq, vs))[which]
@@ -426,10 +436,12 @@ def _quantize_entries(entries, cfg: ModelConfig) -> list[_Entry]:
             scale_rows = (k_rows, v_rows)[which]
         else:
 
+            @functools.lru_cache(maxsize=1)
             def make(produce=entry.produce):
                 return fp8.quantize(produce())
 
             scale_rows = math.ceil(rows / fp8.BLOCK)
+        # Payload and scale are written one after the other: `make` quantises once for both.
         out.append(dataclasses.replace(entry, dtype=fp8.FP8, produce=lambda make=make: make()[0]))
         out.append(_Entry(entry.name + SCALE_SUFFIX, (scale_rows, math.ceil(cols / fp8.BLOCK)), np.dtype(np.float32),
                           lambda make=make: make()[1], entry.file_group))
