@@ -1,70 +1,29 @@
 """The attention seam: every attention call in the model goes through `attention()`.
 
-`impl="xla"` is the pure-JAX reference below; the Pallas kernel (kernels_pallas.swa_attention)
-takes the same arguments, so switching is a config change (`model.attention_impl`).
+`impl="xla"` is the pure-JAX reference (`kernels_pallas.swa_attention_reference`); `impl="pallas"`
+is the block-sparse flash kernel (`kernels_pallas.swa_attention`). Both take the same arguments,
+so switching is a config change (`model.attention_impl`).
 """
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
+from kernels_pallas.swa_attention import swa_attention
+from kernels_pallas.swa_attention_reference import attention_mask, swa_attention_reference
 
-_MASKED = -1e30  # finite, so a row with every key masked gives a uniform softmax instead of NaN
-
-
-def attention_mask(q_positions_BT, kv_positions_BS, window, q_segment_ids_BT=None, kv_segment_ids_BS=None):
-    """[B, T, S] bool: causal in positions, within `window` previous positions, same segment."""
-    delta_BTS = q_positions_BT[:, :, None] - kv_positions_BS[:, None, :]
-    mask = delta_BTS >= 0
-    if window is not None:
-        mask &= delta_BTS <= window
-    if q_segment_ids_BT is not None:
-        mask &= q_segment_ids_BT[:, :, None] == kv_segment_ids_BS[:, None, :]
-    return mask
+__all__ = ["attention", "attention_mask"]
 
 
-def _split_segment_ids(segment_ids, t: int, s: int):
-    if segment_ids is None:
-        return None, None
-    if isinstance(segment_ids, (tuple, list)):
-        return segment_ids
-    if t != s:
-        raise ValueError(f"one segment_ids array needs equal query and key lengths, got {t} and {s}; pass (q, kv)")
-    return segment_ids, segment_ids
-
-
-def attention_xla(q_BTHD, k_BSKD, v_BSKV, sinks_H, *, window, q_positions, kv_positions, segment_ids=None):
-    """Reference attention: fp32 scores scaled by 1/sqrt(Dqk), optional sink logit per query head."""
-    b, t, h, d = q_BTHD.shape
-    s, kv = k_BSKD.shape[1], k_BSKD.shape[2]
-    q_BTKGD = q_BTHD.reshape(b, t, kv, h // kv, d)
-    scores_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD, preferred_element_type=jnp.float32)
-    scores_BKGTS = scores_BKGTS * (d**-0.5)
-    q_seg, kv_seg = _split_segment_ids(segment_ids, t, s)
-    mask_BTS = attention_mask(q_positions, kv_positions, window, q_seg, kv_seg)
-    scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, _MASKED)
-    if sinks_H is None:
-        probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1)
-    else:
-        # The sink is one more logit in the denominator with no value vector.
-        sink_BKGT1 = jnp.broadcast_to(
-            sinks_H.astype(jnp.float32).reshape(1, kv, h // kv, 1, 1), (b, kv, h // kv, t, 1)
-        )
-        probs_BKGTS = jax.nn.softmax(jnp.concatenate([scores_BKGTS, sink_BKGT1], axis=-1), axis=-1)[..., :-1]
-    out_BTKGV = jnp.einsum("bkgts,bskv->btkgv", probs_BKGTS.astype(v_BSKV.dtype), v_BSKV)
-    return out_BTKGV.reshape(b, t, h, v_BSKV.shape[-1])
-
-
-_IMPLS = {"xla": attention_xla}
-
-
-def attention(q_BTHD, k_BSKD, v_BSKV, sinks_H, *, window, q_positions, kv_positions, segment_ids=None, impl="xla"):
+def attention(q_BTHD, k_BSKD, v_BSKV, sinks_H, *, window, q_positions, kv_positions, segment_ids=None, impl="xla",
+              interpret=False):
     """Causal (window=None) or sliding-window attention.
 
     `window` is the number of previous positions each query sees besides itself. `segment_ids`
     is one [B, T] array when queries and keys are the same tokens, else a (q [B,T], kv [B,S]) pair.
+    `interpret` only matters for the Pallas kernel (True on CPU, False when compiling for TPU).
     """
-    return _IMPLS[impl](
-        q_BTHD, k_BSKD, v_BSKV, sinks_H, window=window, q_positions=q_positions,
-        kv_positions=kv_positions, segment_ids=segment_ids,
-    )
+    kwargs = dict(window=window, q_positions=q_positions, kv_positions=kv_positions, segment_ids=segment_ids)
+    if impl == "xla":
+        return swa_attention_reference(q_BTHD, k_BSKD, v_BSKV, sinks_H, **kwargs)
+    if impl == "pallas":
+        return swa_attention(q_BTHD, k_BSKD, v_BSKV, sinks_H, interpret=interpret, **kwargs)
+    raise ValueError(f"unknown attention impl {impl!r}")

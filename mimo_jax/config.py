@@ -21,8 +21,9 @@ SWA = "swa"
 DENSE = "dense"
 MOE = "moe"
 
-ATTENTION_IMPLS = ("xla",)
-MOE_IMPLS = ("ragged_dot", "dense")
+ATTENTION_IMPLS = ("xla", "pallas")
+MOE_IMPLS = ("ragged_dot", "pallas", "dense")
+KERNEL_MODES = ("auto", "mosaic", "interpret")
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -86,6 +87,9 @@ class ModelConfig:
     dtype: str = "bfloat16"
     attention_impl: str = "xla"
     moe_impl: str = "ragged_dot"
+    # How Pallas kernels run: "mosaic" compiles them for TPU (also ahead of time from a CPU
+    # machine), "interpret" runs them in the Pallas interpreter, "auto" interprets on CPU only.
+    kernel_mode: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
@@ -99,6 +103,7 @@ class ModelConfig:
         _check_choices("model.mlp_types", self.mlp_types, (DENSE, MOE))
         _check_choices("model.attention_impl", (self.attention_impl,), ATTENTION_IMPLS)
         _check_choices("model.moe_impl", (self.moe_impl,), MOE_IMPLS)
+        _check_choices("model.kernel_mode", (self.kernel_mode,), KERNEL_MODES)
         for heads_field in ("global_kv_heads", "swa_kv_heads"):
             kv = getattr(self, heads_field)
             if kv <= 0 or self.num_attention_heads % kv:
@@ -131,6 +136,14 @@ class ModelConfig:
                 )
         if self.num_mtp_heads < 0:
             raise ConfigError(f"model.num_mtp_heads must be >= 0, got {self.num_mtp_heads}")
+
+    @property
+    def pallas_interpret(self) -> bool:
+        if self.kernel_mode == "auto":
+            import jax  # the config module itself stays importable without initialising a backend
+
+            return jax.default_backend() == "cpu"
+        return self.kernel_mode == "interpret"
 
     @property
     def rotary_dim(self) -> int:

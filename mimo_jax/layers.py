@@ -94,6 +94,7 @@ class Attention(nnx.Module):
         self.rotary_dim = cfg.rotary_dim
         self.value_scale = cfg.attention_value_scale
         self.impl = cfg.attention_impl
+        self.interpret = cfg.pallas_interpret
 
     def __call__(self, x_BTD, positions_BT, segment_ids_BT=None):
         dt = x_BTD.dtype
@@ -105,6 +106,6 @@ class Attention(nnx.Module):
         out_BTHV = attention_ops.attention(
             q_BTHD, k_BTKD, v_BTKV, None if self.sinks is None else self.sinks[...],
             window=self.window, q_positions=positions_BT, kv_positions=positions_BT,
-            segment_ids=segment_ids_BT, impl=self.impl,
+            segment_ids=segment_ids_BT, impl=self.impl, interpret=self.interpret,
         )
         return jnp.einsum("bthv,hvd->btd", out_BTHV, self.o[...].astype(dt))

@@ -1,8 +1,8 @@
 """Mixture of experts: fp32 sigmoid router with a selection-only bias, dropless sorted dispatch.
 
 The grouped matmul is the seam (`grouped_matmul`): `moe_impl="ragged_dot"` uses
-`jax.lax.ragged_dot`; the Pallas `gmm` kernel plugs in beside it. `moe_impl="dense"` is the simple
-reference that runs every expert on every token.
+`jax.lax.ragged_dot`, `moe_impl="pallas"` the Pallas `kernels_pallas.gmm` kernel (tgmm for the weight
+gradient). `moe_impl="dense"` is the simple reference that runs every expert on every token.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels_pallas.gmm import gmm
+from kernels_pallas.gmm_reference import gmm_reference
 from mimo_jax.config import ModelConfig
 from mimo_jax.layers import RouterBias, make_param
 
@@ -39,15 +41,16 @@ def route(x_ND, router_DE, bias_E, cfg: ModelConfig):
     return weights_Nk * cfg.routed_scaling_factor, experts_Nk.astype(jnp.int32)
 
 
-def grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G, impl: str = "ragged_dot"):
+def grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G, impl: str = "ragged_dot", interpret=False):
     """Rows of `lhs` sorted by group; rows of group g are multiplied by `rhs[g]`. fp32 accumulate."""
     if impl == "ragged_dot":
-        out = jax.lax.ragged_dot(lhs_MK, rhs_GKN, group_sizes_G, preferred_element_type=jnp.float32)
-        return out.astype(lhs_MK.dtype)
+        return gmm_reference(lhs_MK, rhs_GKN, group_sizes_G)
+    if impl == "pallas":
+        return gmm(lhs_MK, rhs_GKN, group_sizes_G, interpret=interpret)
     raise ValueError(f"unknown grouped matmul impl {impl!r}")
 
 
-def experts_sorted(x_ND, weights_Nk, experts_Nk, w_gate_EDI, w_up_EDI, w_down_EID, impl="ragged_dot"):
+def experts_sorted(x_ND, weights_Nk, experts_Nk, w_gate_EDI, w_up_EDI, w_down_EID, impl="ragged_dot", interpret=False):
     """Dropless dispatch: sort (token, choice) pairs by expert, grouped matmuls, unsort, combine."""
     n, k = experts_Nk.shape
     num_experts = w_gate_EDI.shape[0]
@@ -56,10 +59,11 @@ def experts_sorted(x_ND, weights_Nk, experts_Nk, w_gate_EDI, w_up_EDI, w_down_EI
     token_of = order // k
     group_sizes_E = jnp.bincount(flat_experts, length=num_experts).astype(jnp.int32)
     xs_MD = x_ND[token_of]
-    h_MI = jax.nn.silu(grouped_matmul(xs_MD, w_gate_EDI, group_sizes_E, impl)) * grouped_matmul(
-        xs_MD, w_up_EDI, group_sizes_E, impl
-    )
-    out_MD = grouped_matmul(h_MI, w_down_EID, group_sizes_E, impl)
+    def matmul(lhs, rhs):
+        return grouped_matmul(lhs, rhs, group_sizes_E, impl, interpret)
+
+    h_MI = jax.nn.silu(matmul(xs_MD, w_gate_EDI)) * matmul(xs_MD, w_up_EDI)
+    out_MD = matmul(h_MI, w_down_EID)
     unsorted_NkD = out_MD[jnp.argsort(order)].reshape(n, k, -1)
     return jnp.einsum("nkd,nk->nd", unsorted_NkD.astype(jnp.float32), weights_Nk).astype(x_ND.dtype)
 
@@ -92,5 +96,5 @@ class MoE(nnx.Module):
         if self.cfg.moe_impl == "dense":
             y_ND = experts_dense(x_ND, weights, experts, *w)
         else:
-            y_ND = experts_sorted(x_ND, weights, experts, *w, impl=self.cfg.moe_impl)
+            y_ND = experts_sorted(x_ND, weights, experts, *w, impl=self.cfg.moe_impl, interpret=self.cfg.pallas_interpret)
         return y_ND.reshape(b, t, d)

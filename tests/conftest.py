@@ -1,9 +1,6 @@
 import os
 
-import jax
 import pytest
-
-jax.config.update("jax_platforms", "cpu")
 
 GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "golden")
 
