@@ -1,8 +1,11 @@
-"""Tests run on the CPU, also when libtpu is installed (it is, for ahead-of-time TPU compiles)."""
+"""Tests run on the CPU, also when libtpu is installed (it is, for ahead-of-time TPU compiles), with
+8 simulated devices for the mesh tests (single-device code runs on the first)."""
 
 import os
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 import jax  # noqa: E402
 

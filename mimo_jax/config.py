@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -87,6 +88,9 @@ class ModelConfig:
     dtype: str = "bfloat16"
     attention_impl: str = "xla"
     moe_impl: str = "ragged_dot"
+    # Expert parallelism: slots per (device, expert shard) as a multiple of the even share of
+    # token choices; 0 means dropless (every choice fits, the default).
+    moe_capacity_factor: float = 0.0
     # How Pallas kernels run: "mosaic" compiles them for TPU (also ahead of time from a CPU
     # machine), "interpret" runs them in the Pallas interpreter, "auto" interprets on CPU only.
     kernel_mode: str = "auto"
@@ -166,11 +170,74 @@ class ModelConfig:
         return tuple(i for i, t in enumerate(self.mlp_types) if t == MOE)
 
 
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes; one of them may be -1 to take the remaining devices."""
+
+    data: int = 1
+    fsdp: int = -1
+    expert: int = 1
+    tensor: int = 1
+
+    def shape(self, num_devices: int) -> tuple[int, ...]:
+        sizes = [getattr(self, a) for a in MESH_AXES]
+        if sum(s == -1 for s in sizes) > 1:
+            raise ConfigError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+        if any(s == 0 or s < -1 for s in sizes):
+            raise ConfigError(f"mesh: axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            if num_devices % known:
+                raise ConfigError(f"mesh: {num_devices} devices do not divide by the fixed axes' product {known}")
+            sizes[sizes.index(-1)] = num_devices // known
+        if math.prod(sizes) != num_devices:
+            raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                              f"there are {num_devices}")
+        return tuple(sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """Logical axis name -> mesh axes (in order); empty means replicated. See mimo_jax.sharding."""
+
+    # parameters (and their optimizer state)
+    vocab: tuple[str, ...] = ("tensor",)
+    embed: tuple[str, ...] = ("fsdp",)
+    heads: tuple[str, ...] = ("tensor",)
+    kv_heads: tuple[str, ...] = ("tensor",)
+    mlp: tuple[str, ...] = ("tensor",)
+    experts: tuple[str, ...] = ("expert",)
+    layers: tuple[str, ...] = ()
+    # activations
+    batch: tuple[str, ...] = ("data", "fsdp", "expert")
+    seq: tuple[str, ...] = ()
+    act_embed: tuple[str, ...] = ()
+    act_heads: tuple[str, ...] = ("tensor",)
+    act_vocab: tuple[str, ...] = ("tensor",)
+    # KV caches
+    cache_batch: tuple[str, ...] = ("data", "fsdp", "expert")
+    cache_seq: tuple[str, ...] = ()
+    cache_heads: tuple[str, ...] = ("tensor",)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            axes = tuple(getattr(self, f.name))
+            object.__setattr__(self, f.name, axes)
+            bad = [a for a in axes if a not in MESH_AXES]
+            if bad:
+                raise ConfigError(f"sharding.{f.name}: unknown mesh axes {bad}; mesh axes are {list(MESH_AXES)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """The whole configuration tree; each later subsystem adds its own section."""
 
     model: ModelConfig = ModelConfig()
+    mesh: MeshConfig = MeshConfig()
+    sharding: ShardingRules = ShardingRules()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,10 +7,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mimo_jax import sharding
 from mimo_jax.config import DENSE, SWA, ModelConfig
 from mimo_jax.layer_plan import Segment, plan_layers
 from mimo_jax.layers import Attention, DenseMLP, RMSNorm, make_param
 from mimo_jax.moe import MoE
+
+ACTIVATION_AXES = ("batch", "seq", "act_embed")  # the residual stream [B, T, D]
 
 
 @flax.struct.dataclass
@@ -51,7 +54,8 @@ class LayerSegment(nnx.Module):
             for graphdef, state in zip(graphdefs, states):
 
                 def layer(x, layer_state, graphdef=graphdef):
-                    return nnx.merge(graphdef, layer_state)(x, positions_BT, segment_ids_BT), None
+                    x = nnx.merge(graphdef, layer_state)(x, positions_BT, segment_ids_BT)
+                    return sharding.constrain(x, ACTIVATION_AXES), None
 
                 x, _ = jax.lax.scan(layer, x, state)
             return x, None
@@ -110,7 +114,8 @@ class MiMoV2Flash(nnx.Module):
         return jnp.take(self.embed[...], ids, axis=0).astype(self.config.dtype)
 
     def logits(self, hidden):
-        return jnp.einsum("...d,dv->...v", hidden, self.lm_head[...].astype(hidden.dtype), preferred_element_type=jnp.float32)
+        logits = jnp.einsum("...d,dv->...v", hidden, self.lm_head[...].astype(hidden.dtype), preferred_element_type=jnp.float32)
+        return sharding.constrain(logits, (None,) * (logits.ndim - 3) + ("batch", "seq", "act_vocab"))
 
     def __call__(self, input_ids_BT, segment_ids_BT=None, positions_BT=None) -> ModelOutput:
         if positions_BT is None:
@@ -119,7 +124,7 @@ class MiMoV2Flash(nnx.Module):
                 if segment_ids_BT is not None
                 else jnp.broadcast_to(jnp.arange(input_ids_BT.shape[1]), input_ids_BT.shape)
             )
-        x_BTD = self.embed_tokens(input_ids_BT)
+        x_BTD = sharding.constrain(self.embed_tokens(input_ids_BT), ACTIVATION_AXES)
         for segment in self.segments:
             x_BTD = segment(x_BTD, positions_BT, segment_ids_BT)
         hidden_BTD = self.final_norm(x_BTD)

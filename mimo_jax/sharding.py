@@ -1,0 +1,143 @@
+"""Meshes and the one table that maps logical axes to mesh axes.
+
+Every parameter carries `logical_axes` metadata (`vocab`, `embed`, `heads`, `kv_heads`, `mlp`,
+`experts`, `layers`); activations and KV caches are constrained with logical names too (`batch`,
+`seq`, `act_embed`, `act_heads`, `act_vocab`, `cache_batch`, `cache_seq`, `cache_heads`).
+`ShardingRules` maps each name to mesh axes, so changing the parallelism is a config change:
+
+    mesh:     {data: 1, fsdp: -1, expert: 1, tensor: 1}      # -1 takes the remaining devices
+    sharding: {experts: [expert], embed: [fsdp], ...}
+
+A mesh axis is only used where it divides the dimension; otherwise that dimension is replicated
+over it (so 4 global KV heads stay whole on an 8-way tensor axis).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from mimo_jax.config import MESH_AXES, MeshConfig, ShardingRules
+
+__all__ = ["MESH_AXES", "MeshConfig", "ShardingRules", "activate", "constrain", "logical_spec", "make_mesh",
+           "shard_model", "spec", "state_shardings"]
+
+
+def make_mesh(mesh_cfg: MeshConfig, devices: Sequence | None = None) -> Mesh:
+    """A mesh with axes (data, fsdp, expert, tensor) over `devices` (default: all devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_cfg.shape(len(devices))
+    if devices and getattr(devices[0], "platform", "") == "tpu":
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
+    else:
+        grid = np.array(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_spec(logical_axes: Sequence[str | None], rules: ShardingRules, mesh: Mesh | None,
+                 shape: Sequence[int] | None = None) -> PartitionSpec:
+    """PartitionSpec for an array with these logical axes: each mesh axis is used at most once,
+    only if it has more than one device, and only where it divides the dimension."""
+    sizes = dict(mesh.shape) if mesh is not None else {}
+    used: set[str] = set()
+    entries = []
+    for i, name in enumerate(logical_axes):
+        axes = []
+        if name is not None:
+            if not hasattr(rules, name):
+                raise ValueError(f"logical axis {name!r} has no sharding rule; rules: {[f.name for f in dataclasses.fields(rules)]}")
+            dim = None if shape is None else shape[i]
+            for axis in getattr(rules, name):
+                size = sizes.get(axis, 1)
+                if size == 1 or axis in used:
+                    continue
+                if dim is not None and dim % (math.prod(sizes[a] for a in axes) * size):
+                    continue
+                axes.append(axis)
+        used.update(axes)
+        entries.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+    while entries and entries[-1] is None:
+        entries.pop()
+    return PartitionSpec(*entries)
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def state_shardings(state, mesh: Mesh, rules: ShardingRules):
+    """NamedShardings for an nnx State (or abstract state) from each variable's `logical_axes`."""
+    def sharding(var):
+        axes = var.get_metadata().get("logical_axes")
+        shape = var.get_value().shape
+        if axes is None:
+            axes = (None,) * len(shape)
+        return var.replace(NamedSharding(mesh, logical_spec(axes, rules, mesh, shape)))
+
+    return jax.tree.map(sharding, state, is_leaf=_is_variable)
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules: ShardingRules) -> nnx.Module:
+    """Moves the model's variables onto `mesh` as the rules say (in place; returns the model)."""
+    state = nnx.state(model)
+    shardings = state_shardings(state, mesh, rules)
+    nnx.update(model, jax.device_put(state, shardings))
+    return model
+
+
+# --------------------------------------------------------------------------- activations
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, ShardingRules] | None] = contextvars.ContextVar("mimo_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: ShardingRules):
+    """Traces inside this context constrain activations by `rules` on `mesh` (and see the mesh)."""
+    token = _ACTIVE.set((mesh, rules))
+    try:
+        with jax.set_mesh(mesh):
+            yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active() -> tuple[Mesh, ShardingRules] | None:
+    return _ACTIVE.get()
+
+
+def constrain(x, logical_axes: Sequence[str | None]):
+    """with_sharding_constraint by logical names; a no-op outside `activate`."""
+    ctx = _ACTIVE.get()
+    if ctx is None:
+        return x
+    mesh, rules = ctx
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_spec(logical_axes, rules, mesh, x.shape)))
+
+
+def spec(logical_axes: Sequence[str | None], shape: Sequence[int] | None = None) -> PartitionSpec:
+    """PartitionSpec of the active rules (replicated outside `activate`)."""
+    ctx = _ACTIVE.get()
+    if ctx is None:
+        return PartitionSpec()
+    mesh, rules = ctx
+    return logical_spec(logical_axes, rules, mesh, shape)
+
+
+def optimizer_shardings(tx, opt_state, param_shardings, mesh: Mesh):
+    """Shardings for an optax state: every params-shaped part (Adam's moments...) like the params,
+    the rest (step counts) replicated."""
+    import optax
+
+    return optax.tree_map_params(tx, lambda _, s: s, opt_state, param_shardings,
+                                 transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()),
+                                 is_leaf=lambda x: isinstance(x, NamedSharding))
