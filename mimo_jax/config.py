@@ -25,6 +25,7 @@ MOE = "moe"
 ATTENTION_IMPLS = ("xla", "pallas")
 MOE_IMPLS = ("ragged_dot", "pallas", "dense")
 KERNEL_MODES = ("auto", "mosaic", "interpret")
+REMAT_MODES = ("none", "full", "dots", "dots_saveable")
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -94,6 +95,8 @@ class ModelConfig:
     # How Pallas kernels run: "mosaic" compiles them for TPU (also ahead of time from a CPU
     # machine), "interpret" runs them in the Pallas interpreter, "auto" interprets on CPU only.
     kernel_mode: str = "auto"
+    # Rematerialisation of each decoder layer in the backward pass (mimo_jax.model.REMAT_POLICIES).
+    remat: str = "none"
 
     def __post_init__(self):
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
@@ -108,6 +111,7 @@ class ModelConfig:
         _check_choices("model.attention_impl", (self.attention_impl,), ATTENTION_IMPLS)
         _check_choices("model.moe_impl", (self.moe_impl,), MOE_IMPLS)
         _check_choices("model.kernel_mode", (self.kernel_mode,), KERNEL_MODES)
+        _check_choices("model.remat", (self.remat,), REMAT_MODES)
         for heads_field in ("global_kv_heads", "swa_kv_heads"):
             kv = getattr(self, heads_field)
             if kv <= 0 or self.num_attention_heads % kv:

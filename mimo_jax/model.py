@@ -15,6 +15,14 @@ from mimo_jax.moe import MoE
 
 ACTIVATION_AXES = ("batch", "seq", "act_embed")  # the residual stream [B, T, D]
 
+# What a layer keeps for the backward pass (model.remat): "none" keeps everything, "full" only
+# the layer input (recomputes the layer), "dots" the matmul outputs without a batch dimension.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+}
+
 
 @flax.struct.dataclass
 class ModelOutput:
@@ -42,6 +50,7 @@ class LayerSegment(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, segment: Segment, *, rngs: nnx.Rngs):
         self.segment = segment
+        self.remat = cfg.remat
         self.runs = nnx.List(
             [DecoderLayer(cfg, *run.kind, stack=(segment.repeats, run.length), rngs=rngs) for run in segment.runs]
         )
@@ -57,6 +66,8 @@ class LayerSegment(nnx.Module):
                     x = nnx.merge(graphdef, layer_state)(x, positions_BT, segment_ids_BT)
                     return sharding.constrain(x, ACTIVATION_AXES), None
 
+                if self.remat != "none":
+                    layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
                 x, _ = jax.lax.scan(layer, x, state)
             return x, None
 

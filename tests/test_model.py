@@ -1,3 +1,5 @@
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,3 +116,17 @@ def test_compiled_program_does_not_grow_with_depth(small_overrides):
 
     # 24 and 48 layers: 2 vs 6 repeats of the [global, swa x 5] period. Same program size.
     assert hlo_size(48) < 1.05 * hlo_size(24)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_policies_give_the_same_gradients(small_overrides, remat):
+    def grads(policy):
+        cfg = load_config("tiny", small_overrides + [f"model.remat={policy}"]).model
+        graphdef, params, rest = nnx.split(MiMoV2Flash(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+        ids = jax.random.randint(jax.random.key(0), (2, 12), 0, cfg.vocab_size)
+        grad_fn = jax.grad(lambda p: nnx.merge(graphdef, p, rest)(ids).logits.std())
+        assert bool(re.search(r"remat|checkpoint", str(jax.make_jaxpr(grad_fn)(params)))) == (policy != "none")
+        return jax.tree.leaves(grad_fn(params))
+
+    for got, want in zip(grads(remat), grads("none")):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * float(np.abs(want).max()))
