@@ -73,49 +73,91 @@ def experts_sorted(x_ND, weights_Nk, experts_Nk, w_gate_EDI, w_up_EDI, w_down_EI
     return jnp.einsum("nkd,nk->nd", unsorted_NkD.astype(jnp.float32), weights_Nk).astype(x_ND.dtype)
 
 
-def expert_capacity(tokens: int, k: int, shards: int, capacity_factor: float) -> int:
-    """Slots each device sends to each expert shard: every choice (dropless) when the factor is 0."""
-    if capacity_factor <= 0 or shards == 1:
-        return tokens * k
+def expert_capacity(tokens: int, k: int, shards: int, capacity_factor: float) -> int | None:
+    """Slots each device sends to each expert shard, or None for dropless (factor 0)."""
+    if capacity_factor <= 0:
+        return None
     return min(tokens * k, -(-int(math.ceil(capacity_factor * tokens * k / shards)) // 8) * 8)
 
 
+def ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, emulate: bool):
+    """`jax.lax.ragged_all_to_all` over the `expert` axis; `emulate` (XLA:CPU has no ragged
+    all-to-all) gathers every shard's rows and lets each receiver pick its slices, same semantics."""
+    if not emulate:
+        return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
+                                         axis_name="expert")
+    me = jax.lax.axis_index("expert")
+    rows = jax.lax.all_gather(operand, "expert")
+    from_offsets, to_offsets, sizes = (jax.lax.all_gather(a, "expert")[:, me]
+                                       for a in (input_offsets, output_offsets, send_sizes))
+    position = jnp.arange(output.shape[0])
+    for source in range(rows.shape[0]):
+        hit = (position >= to_offsets[source]) & (position < to_offsets[source] + sizes[source])
+        picked = rows[source][jnp.clip(from_offsets[source] + position - to_offsets[source], 0, operand.shape[0] - 1)]
+        output = jnp.where(hit.reshape((-1,) + (1,) * (output.ndim - 1)), picked, output)
+    return output
+
+
+def _exclusive_cumsum(x, axis=0):
+    return jnp.cumsum(x, axis=axis) - x
+
+
 def experts_expert_parallel(x_ND, weights_Nk, experts_Nk, w_gate, w_up, w_down, *, num_experts, shards,
-                            capacity, tensor_split, impl, interpret):
+                            capacity, tensor_split, impl, interpret, emulate_ragged):
     """Per-device body under shard_map: experts live on `shards` devices of the `expert` axis.
 
-    Each (token, choice) goes to the shard holding its expert through a padded all-to-all of
-    [shards, capacity] slots, the local experts run on what arrives, and the results come back
-    the same way. The FFN width may be split over `tensor` (partial sums are psum'd).
+    Each (token, choice) goes to the shard holding its expert and its result comes back. Dropless
+    (capacity None): a ragged all-to-all moves exactly the rows each shard gets, into a buffer
+    big enough for the worst case. With a capacity: a padded all-to-all of [shards, capacity]
+    slots, choices past a shard's capacity are dropped. The FFN width may be split over `tensor`.
     """
     n, k = experts_Nk.shape
+    d = x_ND.shape[1]
     local_experts = num_experts // shards
     flat = experts_Nk.reshape(-1)
-    dest, local_expert = flat // local_experts, flat % local_experts
-    order = jnp.argsort(dest, stable=True)
-    counts = jnp.bincount(dest, length=shards)
-    rank_sorted = jnp.arange(n * k) - (jnp.cumsum(counts) - counts)[dest[order]]
-    rank = jnp.zeros(n * k, jnp.int32).at[order].set(rank_sorted.astype(jnp.int32))
-    kept = rank < capacity  # only with a capacity factor: the rest are dropped (zero output)
-    slot = jnp.where(kept, dest * capacity + rank, shards * capacity)  # an overflow slot, cut below
+    dest, local_expert = flat // local_experts, (flat % local_experts).astype(jnp.int32)
+    order = jnp.argsort(dest, stable=True)  # choices grouped by destination shard
+    counts = jnp.bincount(dest, length=shards).astype(jnp.int32)
+    rows_sorted, experts_sorted_ = x_ND[order // k], local_expert[order]
 
-    d = x_ND.shape[1]
-    send_x = jnp.zeros((shards * capacity + 1, d), x_ND.dtype).at[slot].set(x_ND[jnp.arange(n * k) // k])
-    send_e = jnp.full((shards * capacity + 1,), local_experts, jnp.int32).at[slot].set(local_expert)
-    recv_x = jax.lax.all_to_all(send_x[:-1].reshape(shards, capacity, d), "expert", 0, 0, tiled=True)
-    recv_e = jax.lax.all_to_all(send_e[:-1].reshape(shards, capacity), "expert", 0, 0, tiled=True)
+    if capacity is None:
+        counts_SS = jax.lax.all_gather(counts, "expert")  # [source, destination]
+        me = jax.lax.axis_index("expert")
+        from_me, to_me = counts, counts_SS[:, me]
+        # (input offsets, send sizes, offsets on the receivers, receive sizes) for each direction.
+        there_offsets = (_exclusive_cumsum(from_me), from_me, _exclusive_cumsum(counts_SS, axis=0)[me], to_me)
+        back_offsets = (_exclusive_cumsum(to_me), to_me, _exclusive_cumsum(counts_SS, axis=1)[:, me], from_me)
 
-    recv_x, recv_e = recv_x.reshape(shards * capacity, d), recv_e.reshape(-1)
+        def exchange(operand, fill, there=True):
+            offsets = there_offsets if there else back_offsets
+            length = shards * n * k if there else n * k  # worst case there: every choice of every shard
+            output = jnp.full((length,) + operand.shape[1:], fill, operand.dtype)
+            return ragged_all_to_all(operand, output, *offsets, emulate=emulate_ragged)
+
+        recv_x, recv_e = exchange(rows_sorted, 0), exchange(experts_sorted_, local_experts)
+    else:
+        rank = jnp.arange(n * k) - _exclusive_cumsum(counts)[dest[order]]
+        slot = jnp.where(rank < capacity, dest[order] * capacity + rank, shards * capacity)  # last slot: dropped
+
+        def exchange(operand, fill, there=True):
+            if there:
+                buffer = jnp.full((shards * capacity + 1,) + operand.shape[1:], fill, operand.dtype)
+                operand = buffer.at[slot].set(operand)[:-1]
+            moved = jax.lax.all_to_all(operand.reshape((shards, capacity) + operand.shape[1:]), "expert", 0, 0, tiled=True)
+            moved = moved.reshape((shards * capacity,) + operand.shape[1:])
+            if there:
+                return moved
+            return jnp.concatenate([moved, jnp.zeros((1,) + moved.shape[1:], moved.dtype)])[slot]
+
+        recv_x, recv_e = exchange(rows_sorted, 0), exchange(experts_sorted_, local_experts)
+
     by_expert = jnp.argsort(recv_e, stable=True)  # empty slots (expert id = local_experts) sort last
     group_sizes = jnp.bincount(recv_e, length=local_experts).astype(jnp.int32)
     out = _expert_ffn(recv_x[by_expert], group_sizes, w_gate, w_up, w_down, impl, interpret)
     if tensor_split:
         out = jax.lax.psum(out, "tensor")
-    out = out[jnp.argsort(by_expert)]
-
-    back = jax.lax.all_to_all(out.reshape(shards, capacity, d), "expert", 0, 0, tiled=True).reshape(-1, d)
-    back = jnp.concatenate([back, jnp.zeros((1, d), back.dtype)])
-    per_choice_NkD = back[slot].reshape(n, k, d)
+    back_sorted = exchange(out[jnp.argsort(by_expert)], 0, there=False)  # rows in `order`
+    per_choice_NkD = jnp.zeros_like(back_sorted).at[order].set(back_sorted).reshape(n, k, d)
     return jnp.einsum("nkd,nk->nd", per_choice_NkD.astype(jnp.float32), weights_Nk).astype(x_ND.dtype)
 
 
@@ -171,6 +213,7 @@ class MoE(nnx.Module):
             y_ND = experts_expert_parallel(
                 x_ND, weights, experts, w_gate, w_up, w_down, num_experts=cfg.num_experts, shards=shards,
                 capacity=capacity, tensor_split=tensor is not None, impl=cfg.moe_impl, interpret=cfg.pallas_interpret,
+                emulate_ragged=mesh.devices.flat[0].platform == "cpu",
             )
             return y_ND.reshape(x_btd.shape)
 

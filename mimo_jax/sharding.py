@@ -102,11 +102,11 @@ _ACTIVE: contextvars.ContextVar[tuple[Mesh, ShardingRules] | None] = contextvars
 
 @contextlib.contextmanager
 def activate(mesh: Mesh, rules: ShardingRules):
-    """Traces inside this context constrain activations by `rules` on `mesh` (and see the mesh)."""
+    """Model code traced inside this context constrains activations by `rules` on `mesh` and runs
+    the Pallas kernels per device. Enter it inside the jitted function (or around its first call)."""
     token = _ACTIVE.set((mesh, rules))
     try:
-        with jax.set_mesh(mesh):
-            yield
+        yield
     finally:
         _ACTIVE.reset(token)
 
