@@ -29,6 +29,9 @@ class ModelOutput:
     logits: jax.Array  # [B, T, V]
     mtp_logits: jax.Array | None  # [K, B, T, V]; head k at position j predicts token j + k + 2
     hidden: jax.Array  # [B, T, D], after the final norm (what the MTP heads read)
+    # RouterStats per MoE run, keyed "segment/run", each stacked [repeats, length, ...] like the
+    # run's parameters (so the router-bias update lines up with the RouterBias variables).
+    router: dict = flax.struct.field(default_factory=dict)
 
 
 class DecoderLayer(nnx.Module):
@@ -41,8 +44,11 @@ class DecoderLayer(nnx.Module):
         self.mlp = DenseMLP(cfg, stack, rngs=rngs) if mlp_type == DENSE else MoE(cfg, stack, rngs=rngs)
 
     def __call__(self, x_BTD, positions_BT, segment_ids_BT=None):
+        """(x, RouterStats or None for a dense FFN)."""
         x_BTD = x_BTD + self.attn(self.input_norm(x_BTD), positions_BT, segment_ids_BT)
-        return x_BTD + self.mlp(self.post_attn_norm(x_BTD))
+        y_BTD = self.mlp(self.post_attn_norm(x_BTD))
+        y_BTD, stats = y_BTD if isinstance(y_BTD, tuple) else (y_BTD, None)
+        return x_BTD + y_BTD, stats
 
 
 class LayerSegment(nnx.Module):
@@ -56,23 +62,26 @@ class LayerSegment(nnx.Module):
         )
 
     def __call__(self, x_BTD, positions_BT, segment_ids_BT=None):
+        """(x, [RouterStats stacked [repeats, length] or None, per run])."""
         splits = [nnx.split(run) for run in self.runs]
         graphdefs = [g for g, _ in splits]
 
         def period(x, states):
+            run_stats = []
             for graphdef, state in zip(graphdefs, states):
 
                 def layer(x, layer_state, graphdef=graphdef):
-                    x = nnx.merge(graphdef, layer_state)(x, positions_BT, segment_ids_BT)
-                    return sharding.constrain(x, ACTIVATION_AXES), None
+                    x, stats = nnx.merge(graphdef, layer_state)(x, positions_BT, segment_ids_BT)
+                    return sharding.constrain(x, ACTIVATION_AXES), stats
 
                 if self.remat != "none":
                     layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-                x, _ = jax.lax.scan(layer, x, state)
-            return x, None
+                x, stats = jax.lax.scan(layer, x, state)
+                run_stats.append(stats)
+            return x, run_stats
 
-        x_BTD, _ = jax.lax.scan(period, x_BTD, tuple(s for _, s in splits))
-        return x_BTD
+        x_BTD, run_stats = jax.lax.scan(period, x_BTD, tuple(s for _, s in splits))
+        return x_BTD, run_stats
 
 
 class MTPHead(nnx.Module):
@@ -94,7 +103,7 @@ class MTPHead(nnx.Module):
         dt = hidden_BTD.dtype
         eh_BT2D = jnp.concatenate([self.enorm(token_embeds_BTD), self.hnorm(hidden_BTD)], axis=-1)
         z_BTD = eh_BT2D @ self.eh_proj[...].astype(dt)
-        return self.final_norm(self.block(z_BTD, positions_BT, segment_ids_BT))
+        return self.final_norm(self.block(z_BTD, positions_BT, segment_ids_BT)[0])
 
 
 def positions_from_segments(segment_ids_BT):
@@ -136,13 +145,20 @@ class MiMoV2Flash(nnx.Module):
                 else jnp.broadcast_to(jnp.arange(input_ids_BT.shape[1]), input_ids_BT.shape)
             )
         x_BTD = sharding.constrain(self.embed_tokens(input_ids_BT), ACTIVATION_AXES)
-        for segment in self.segments:
-            x_BTD = segment(x_BTD, positions_BT, segment_ids_BT)
+        router = {}
+        for i, segment in enumerate(self.segments):
+            x_BTD, run_stats = segment(x_BTD, positions_BT, segment_ids_BT)
+            router.update({f"{i}/{j}": stats for j, stats in enumerate(run_stats) if stats is not None})
         hidden_BTD = self.final_norm(x_BTD)
         mtp_logits = None
         if self.mtp is not None:
             mtp_logits = self.logits(self.mtp_hidden(hidden_BTD, input_ids_BT, positions_BT, segment_ids_BT))
-        return ModelOutput(logits=self.logits(hidden_BTD), mtp_logits=mtp_logits, hidden=hidden_BTD)
+        return ModelOutput(logits=self.logits(hidden_BTD), mtp_logits=mtp_logits, hidden=hidden_BTD, router=router)
+
+    def moe_runs(self):
+        """{"segment/run": MoE module} for every stacked run of MoE layers (keys as in ModelOutput.router)."""
+        return {f"{i}/{j}": run.mlp for i, segment in enumerate(self.segments) for j, run in enumerate(segment.runs)
+                if isinstance(run.mlp, MoE)}
 
     def mtp_hidden(self, hidden_BTD, input_ids_BT, positions_BT, segment_ids_BT=None):
         """[K, B, T, D]: the heads are not chained, so they all run at once on the main hidden state."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -21,8 +22,27 @@ from mimo_jax.config import ModelConfig
 from mimo_jax.layers import RouterBias, make_param
 
 
+@flax.struct.dataclass
+class RouterStats:
+    """Per MoE layer: the share of routed choices each expert got, and the sequence-level balance
+    loss term sum_e f_e * P_e averaged over sequences (f: the sequence's load share scaled by E,
+    P: its mean normalised score), as in the paper's auxiliary balance loss."""
+
+    load_E: jax.Array
+    balance: jax.Array
+
+
+def router_stats(scores_BTE, experts_BTk, num_experts: int) -> RouterStats:
+    b, t, k = experts_BTk.shape
+    counts_BE = jax.vmap(lambda e: jnp.bincount(e.reshape(-1), length=num_experts))(experts_BTk).astype(jnp.float32)
+    share_BE = counts_BE / (t * k)
+    probs_BE = (scores_BTE / scores_BTE.sum(-1, keepdims=True)).mean(1)
+    balance = jnp.mean(jnp.sum(num_experts * share_BE * probs_BE, axis=-1))
+    return RouterStats(load_E=jax.lax.stop_gradient(share_BE.mean(0)), balance=balance)
+
+
 def route(x_ND, router_DE, bias_E, cfg: ModelConfig):
-    """Returns (weights [N, k] fp32, expert ids [N, k] int32).
+    """Returns (weights [N, k] fp32, expert ids [N, k] int32, sigmoid scores [N, E] fp32).
 
     Scores are sigmoid(x @ W) in fp32 at full precision (bf16 truncation mis-routes). The bias
     only steers which experts are chosen; the weights come from the unbiased scores.
@@ -42,7 +62,7 @@ def route(x_ND, router_DE, bias_E, cfg: ModelConfig):
     weights_Nk = jnp.take_along_axis(scores_NE, experts_Nk, axis=1)
     if cfg.norm_topk_prob:
         weights_Nk = weights_Nk / (weights_Nk.sum(-1, keepdims=True) + 1e-20)
-    return weights_Nk * cfg.routed_scaling_factor, experts_Nk.astype(jnp.int32)
+    return weights_Nk * cfg.routed_scaling_factor, experts_Nk.astype(jnp.int32), scores_NE
 
 
 def grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G, impl: str = "ragged_dot", interpret=False):
@@ -181,20 +201,23 @@ class MoE(nnx.Module):
         self.cfg = cfg
 
     def __call__(self, x_BTD):
+        """(y [B,T,D], RouterStats) — the stats feed the balance loss and the router-bias update."""
         dt = x_BTD.dtype
-        w = (self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt))
-        if self.cfg.moe_impl != "dense" and sharding.active() is not None:
-            return self._sharded(x_BTD, *w)
         b, t, d = x_BTD.shape
-        x_ND = x_BTD.reshape(b * t, d)
-        weights, experts = route(x_ND, self.router[...], self.bias[...], self.cfg)
+        w = (self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt))
+        weights_BTk, experts_BTk, scores_BTE = route(x_BTD.reshape(b * t, d), self.router[...], self.bias[...], self.cfg)
+        weights_BTk, experts_BTk = weights_BTk.reshape(b, t, -1), experts_BTk.reshape(b, t, -1)
+        stats = router_stats(scores_BTE.reshape(b, t, -1), experts_BTk, self.cfg.num_experts)
+        if self.cfg.moe_impl != "dense" and sharding.active() is not None:
+            return self._sharded(x_BTD, weights_BTk, experts_BTk, *w), stats
+        x_ND, weights, experts = x_BTD.reshape(b * t, d), weights_BTk.reshape(b * t, -1), experts_BTk.reshape(b * t, -1)
         if self.cfg.moe_impl == "dense":
             y_ND = experts_dense(x_ND, weights, experts, *w)
         else:
             y_ND = experts_sorted(x_ND, weights, experts, *w, impl=self.cfg.moe_impl, interpret=self.cfg.pallas_interpret)
-        return y_ND.reshape(b, t, d)
+        return y_ND.reshape(b, t, d), stats
 
-    def _sharded(self, x_BTD, w_gate, w_up, w_down):
+    def _sharded(self, x_BTD, weights_BTk, experts_BTk, w_gate, w_up, w_down):
         """Under a mesh: tokens stay on their devices, experts on the `expert` axis (shard_map)."""
         mesh, rules = sharding.active()
         cfg = self.cfg
@@ -207,19 +230,19 @@ class MoE(nnx.Module):
         tensor = "tensor" if mesh.shape["tensor"] > 1 and cfg.moe_intermediate_size % mesh.shape["tensor"] == 0 else None
         capacity = expert_capacity(tokens_per_device, cfg.num_experts_per_token, shards, cfg.moe_capacity_factor)
 
-        def body(x_btd, router, bias, w_gate, w_up, w_down):
-            x_ND = x_btd.reshape(-1, d)
-            weights, experts = route(x_ND, router, bias, cfg)
+        def body(x_btd, weights_btk, experts_btk, w_gate, w_up, w_down):
+            k = weights_btk.shape[-1]
             y_ND = experts_expert_parallel(
-                x_ND, weights, experts, w_gate, w_up, w_down, num_experts=cfg.num_experts, shards=shards,
-                capacity=capacity, tensor_split=tensor is not None, impl=cfg.moe_impl, interpret=cfg.pallas_interpret,
+                x_btd.reshape(-1, d), weights_btk.reshape(-1, k), experts_btk.reshape(-1, k), w_gate, w_up, w_down,
+                num_experts=cfg.num_experts, shards=shards, capacity=capacity, tensor_split=tensor is not None,
+                impl=cfg.moe_impl, interpret=cfg.pallas_interpret,
                 emulate_ragged=mesh.devices.flat[0].platform == "cpu",
             )
             return y_ND.reshape(x_btd.shape)
 
-        x_spec = P(*batch, None, None) if batch else P()
+        rows = P(*batch, None, None) if batch else P()
         return jax.shard_map(
             body, mesh=mesh, check_vma=False,
-            in_specs=(x_spec, P(), P(), P("expert", None, tensor), P("expert", None, tensor), P("expert", tensor, None)),
-            out_specs=x_spec,
-        )(x_BTD, self.router[...], self.bias[...], w_gate, w_up, w_down)
+            in_specs=(rows, rows, rows, P("expert", None, tensor), P("expert", None, tensor), P("expert", tensor, None)),
+            out_specs=rows,
+        )(x_BTD, weights_BTk, experts_BTk, w_gate, w_up, w_down)

@@ -19,7 +19,7 @@ def test_bias_steers_selection_but_not_weights():
     x = jax.random.normal(jax.random.key(0), (5, 16))
     router = jax.random.normal(jax.random.key(1), (16, 8))
     bias = jnp.zeros(8).at[7].set(10.0)
-    weights, experts = route(x, router, bias, cfg)
+    weights, experts, _ = route(x, router, bias, cfg)
     assert np.all(np.asarray(experts) == 7, axis=1).sum() == 0 and np.all(np.any(np.asarray(experts) == 7, axis=1))
     scores = jax.nn.sigmoid(x @ router)
     chosen = jnp.take_along_axis(scores, experts, 1)
@@ -30,7 +30,7 @@ def test_group_limited_routing_picks_from_top_groups_only():
     cfg = _cfg(n_group=4, topk_group=1, num_experts_per_token=2, routed_scaling_factor=2.5)
     x = jax.random.normal(jax.random.key(2), (64, 16))
     router = jax.random.normal(jax.random.key(3), (16, 8))
-    weights, experts = route(x, router, jnp.zeros(8), cfg)
+    weights, experts, _ = route(x, router, jnp.zeros(8), cfg)
     groups = np.asarray(experts) // 2
     assert np.all(groups[:, 0] == groups[:, 1])
     np.testing.assert_allclose(weights.sum(1), 2.5, rtol=1e-6)

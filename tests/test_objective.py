@@ -1,0 +1,54 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mimo_jax import MiMoV2Flash, load_config
+from mimo_jax.moe import router_stats
+from mimo_jax.objective import lm_loss
+from mimo_jax.router_balance import load_imbalance, update_router_bias
+
+
+def test_balance_term_is_one_for_uniform_routing_and_grows_with_skew():
+    e, t, k = 8, 16, 2
+    uniform_experts = jnp.arange(t * k).reshape(1, t, k) % e
+    flat_scores = jnp.full((1, t, e), 0.5)
+    assert float(router_stats(flat_scores, uniform_experts, e).balance) == pytest.approx(1.0)
+    skewed_experts = jnp.zeros((1, t, k), jnp.int32).at[..., 1].set(1)
+    skewed_scores = flat_scores.at[..., :2].set(0.9)
+    stats = router_stats(skewed_scores, skewed_experts, e)
+    # E * sum_e f_e P_e with f = 1/2 on experts 0 and 1, P = 0.9 / (2 * 0.9 + 6 * 0.5) there.
+    assert float(stats.balance) == pytest.approx(8 * 2 * 0.5 * 0.9 / 4.8)
+    np.testing.assert_allclose(stats.load_E, [0.5, 0.5] + [0.0] * 6)
+
+
+def test_bias_rule_raises_underloaded_and_lowers_overloaded_experts(small_overrides):
+    model = MiMoV2Flash(load_config("tiny", small_overrides).model, rngs=nnx.Rngs(0))
+    ids = jax.random.randint(jax.random.key(0), (2, 16), 0, model.config.vocab_size)
+    out = model(ids)
+    assert set(out.router) == set(model.moe_runs())
+    before = {key: moe.bias[...] for key, moe in model.moe_runs().items()}
+    update_router_bias(model, out.router, rate=1e-3)
+    for key, moe in model.moe_runs().items():
+        load = out.router[key].load_E
+        step = moe.bias[...] - before[key]
+        np.testing.assert_allclose(step, 1e-3 * np.sign(load.mean(-1, keepdims=True) - load))
+    assert float(load_imbalance(out.router)) >= 1.0
+
+
+def test_loss_terms_and_mtp_metrics(small_overrides):
+    model = MiMoV2Flash(load_config("tiny", small_overrides).model, rngs=nnx.Rngs(0))
+    ids = jax.random.randint(jax.random.key(1), (2, 16), 0, model.config.vocab_size)
+    seg = jnp.broadcast_to((jnp.arange(16) >= 9).astype(jnp.int32), (2, 16))
+    out = model(ids, seg)
+    plain, metrics = lm_loss(out, ids, seg, mtp_weight=0.0)
+    assert float(plain) == pytest.approx(float(metrics["lm"]))
+    total, metrics = lm_loss(out, ids, seg, mtp_weight=0.3, balance_weight=0.01, z_loss_weight=1e-4)
+    expected = metrics["lm"] + 0.3 * metrics["mtp"].mean() + 0.01 * metrics["balance"] + 1e-4 * metrics["z_loss"]
+    assert float(total) == pytest.approx(float(expected), rel=1e-6)
+    assert metrics["mtp"].shape == (model.config.num_mtp_heads,)
+    assert np.all((0 <= metrics["mtp_top1"]) & (metrics["mtp_top1"] <= 1))
+    # A head whose logits are the main head's, shifted to the same target, agrees everywhere.
+    copy = out.replace(mtp_logits=jnp.stack([jnp.roll(out.logits, -(k + 1), axis=1) for k in range(3)]))
+    np.testing.assert_allclose(lm_loss(copy, ids)[1]["mtp_agree"], 1.0)
