@@ -13,9 +13,12 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from mimo_jax.data import DataConfig
 
 GLOBAL = "global"
 SWA = "swa"
@@ -177,6 +180,12 @@ class ModelConfig:
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 
+def _data_config_class():
+    from mimo_jax.data import DataConfig  # data.py imports this module for ConfigError
+
+    return DataConfig
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Mesh axis sizes; one of them may be -1 to take the remaining devices."""
@@ -201,6 +210,20 @@ class MeshConfig:
             raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                               f"there are {num_devices}")
         return tuple(sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-host (multi-process) JAX; the defaults mean a single process.
+
+    Each field may also come from MIMO_COORDINATOR_ADDRESS / MIMO_NUM_PROCESSES / MIMO_PROCESS_ID;
+    see `mimo_jax.distributed.initialize` for how they combine.
+    """
+
+    coordinator_address: str = ""  # "host:port" of process 0's coordination service
+    num_processes: int = 1
+    process_id: int = 0
+    initialization_timeout: int = 300  # seconds to wait for every process to connect
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,12 +259,56 @@ class ShardingRules:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Training (train.py). Defaults follow the paper where it gives numbers: AdamW 0.9/0.95, weight
+    decay 0.1, clip 1.0, MTP weight 0.3, balance coefficient 1e-5, bias update rate 1e-3."""
+
+    steps: int = 1000
+    batch_size: int = 8  # global rows per step
+    seq_len: int = 256
+    seed: int = 0
+    learning_rate: float = 3.2e-4  # peak
+    min_learning_rate: float = 1.0e-4  # end of the cosine decay
+    warmup_steps: int = 100
+    constant_steps: int = 0  # at the peak, between warm-up and decay
+    decay: str = "cosine"  # cosine | constant
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    grad_accum_steps: int = 1
+    mtp_weight: float = 0.3
+    balance_weight: float = 1e-5
+    bias_update_rate: float = 1e-3
+    z_loss_weight: float = 0.0
+    mode: str = "lm"  # lm | mtp_distill (freeze the main model, fit the MTP heads to its distribution)
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    init_from: str = ""  # "" (from scratch) | a HF checkpoint directory | a train.py workdir
+
+    def __post_init__(self):
+        _check_choices("train.decay", (self.decay,), ("cosine", "constant"))
+        _check_choices("train.mode", (self.mode,), ("lm", "mtp_distill"))
+        if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2 or self.grad_accum_steps < 1:
+            raise ConfigError("train.steps, batch_size, grad_accum_steps must be >= 1 and seq_len >= 2")
+        if self.batch_size % self.grad_accum_steps:
+            raise ConfigError(f"train.batch_size={self.batch_size} must divide by grad_accum_steps={self.grad_accum_steps}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole configuration tree; each later subsystem adds its own section."""
 
     model: ModelConfig = ModelConfig()
     mesh: MeshConfig = MeshConfig()
     sharding: ShardingRules = ShardingRules()
+    distributed: DistributedConfig = DistributedConfig()
+    data: DataConfig = dataclasses.field(default_factory=lambda: _data_config_class()())
+    train: TrainConfig = TrainConfig()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +332,8 @@ def from_dict(cls, data: Mapping[str, Any], where: str = ""):
         )
     kwargs = {}
     for name, value in data.items():
-        default = fields[name].default
+        field = fields[name]
+        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
         path = f"{where}.{name}" if where else name
         if dataclasses.is_dataclass(default):
             kwargs[name] = from_dict(type(default), value, path)
@@ -285,6 +353,11 @@ def _coerce(path: str, value: Any, default: Any) -> Any:
             raise ConfigError(f"{path}: expected true/false, got {value!r}")
         return value
     if isinstance(default, float):
+        if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{path}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)

@@ -23,9 +23,10 @@ def _shifted_cross_entropy(logits_BTV, input_ids_BT, segment_ids_BT, shift: int)
 
 
 def _shifted_mask(input_ids_BT, segment_ids_BT, shift: int):
+    """Pairs (j, j + shift) inside one document; segment 0 is padding and never a target."""
     if segment_ids_BT is None:
         return jnp.ones(input_ids_BT[:, shift:].shape, bool)
-    return segment_ids_BT[:, shift:] == segment_ids_BT[:, :-shift]
+    return (segment_ids_BT[:, shift:] == segment_ids_BT[:, :-shift]) & (segment_ids_BT[:, shift:] > 0)
 
 
 def lm_loss(output: ModelOutput, input_ids_BT, segment_ids_BT=None, mtp_weight: float = 0.3,
@@ -59,3 +60,26 @@ def lm_loss(output: ModelOutput, input_ids_BT, segment_ids_BT=None, mtp_weight: 
         metrics["z_loss"] = jnp.mean(jax.nn.logsumexp(output.logits.astype(jnp.float32), -1) ** 2)
         total = total + z_loss_weight * metrics["z_loss"]
     return total, metrics
+
+
+def mtp_distill_loss(output: ModelOutput, input_ids_BT, segment_ids_BT=None):
+    """Mean over heads of KL(main head || MTP head k) for the same target token.
+
+    Head k at position j predicts token j + k + 2, which the main head predicts at position
+    j + k + 1; matching that distribution (not the data) is what speculative decoding rewards.
+    The main head is a fixed teacher here (stop_gradient).
+    """
+    if output.mtp_logits is None:
+        raise ValueError("train.mode=mtp_distill needs a model with MTP heads (model.num_mtp_heads > 0)")
+    teacher_logp = jax.nn.log_softmax(jax.lax.stop_gradient(output.logits).astype(jnp.float32), -1)
+    kls = []
+    for k, head_logits in enumerate(output.mtp_logits):
+        shift = k + 2
+        valid = _shifted_mask(input_ids_BT, segment_ids_BT, shift)
+        p_logp = teacher_logp[:, shift - 1:-1]
+        q_logp = jax.nn.log_softmax(head_logits[:, :-shift].astype(jnp.float32), -1)
+        kl = jnp.sum(jnp.exp(p_logp) * (p_logp - q_logp), -1)
+        kls.append(jnp.sum(jnp.where(valid, kl, 0.0)) / jnp.maximum(valid.sum(), 1))
+    kl_K = jnp.stack(kls)
+    _, metrics = lm_loss(jax.lax.stop_gradient(output), input_ids_BT, segment_ids_BT)
+    return kl_K.mean(), {**metrics, "mtp_kl": kl_K}

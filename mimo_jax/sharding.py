@@ -32,8 +32,14 @@ __all__ = ["MESH_AXES", "MeshConfig", "ShardingRules", "activate", "constrain", 
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices: Sequence | None = None) -> Mesh:
-    """A mesh with axes (data, fsdp, expert, tensor) over `devices` (default: all devices)."""
-    devices = list(jax.devices() if devices is None else devices)
+    """A mesh with axes (data, fsdp, expert, tensor) over `devices`. By default: all devices, or,
+    when every axis size is fixed (no -1) and they need fewer, the first that many."""
+    if devices is None:
+        devices = jax.devices()
+        fixed = [getattr(mesh_cfg, a) for a in MESH_AXES]
+        if -1 not in fixed and math.prod(fixed) < len(devices):
+            devices = devices[: math.prod(fixed)]
+    devices = list(devices)
     shape = mesh_cfg.shape(len(devices))
     if devices and getattr(devices[0], "platform", "") == "tpu":
         from jax.experimental import mesh_utils

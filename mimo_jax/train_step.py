@@ -1,20 +1,24 @@
 """The jitted training step, shared by train.py, the pod plan (`mimo_jax.plan`) and the tests.
 
 `sharded_train_step` places parameters, optimizer state and the batch by the sharding rules and
-pins them there across steps (`out_shardings`), so a step never silently changes the layout.
+pins them there across steps (`out_shardings`), so a step never silently changes the layout. The
+router-bias update is a separate jitted function (`router_bias_step`): it follows a rule, not the
+optimizer.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from mimo_jax import sharding
-from mimo_jax.config import ModelConfig, ShardingRules
+from mimo_jax.config import ModelConfig, ShardingRules, TrainConfig
 from mimo_jax.model import MiMoV2Flash
-from mimo_jax.objective import lm_loss
+from mimo_jax.objective import lm_loss, mtp_distill_loss
+from mimo_jax.router_balance import load_imbalance, update_router_bias
 
 
 def abstract_model_state(cfg: ModelConfig):
@@ -22,24 +26,97 @@ def abstract_model_state(cfg: ModelConfig):
     return nnx.split(nnx.eval_shape(lambda: MiMoV2Flash(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
 
 
-def train_step_fn(graphdef, tx: optax.GradientTransformation, mtp_weight: float = 0.3):
-    """step(params, opt_state, rest, input_ids, segment_ids) -> (params, opt_state, metrics)."""
+def learning_rate_schedule(train: TrainConfig):
+    """Linear warm-up to the peak, `constant_steps` at the peak, then cosine to the minimum (or
+    constant), as in the paper's pre-training stages."""
+    parts, boundaries = [], []
+    if train.warmup_steps:
+        parts.append(optax.linear_schedule(0.0, train.learning_rate, train.warmup_steps))
+        boundaries.append(train.warmup_steps)
+    if train.constant_steps:
+        parts.append(optax.constant_schedule(train.learning_rate))
+        boundaries.append(train.warmup_steps + train.constant_steps)
+    decay_steps = max(train.steps - train.warmup_steps - train.constant_steps, 1)
+    parts.append(optax.cosine_decay_schedule(train.learning_rate, decay_steps, train.min_learning_rate / train.learning_rate)
+                 if train.decay == "cosine" else optax.constant_schedule(train.learning_rate))
+    return optax.join_schedules(parts, boundaries) if boundaries else parts[0]
+
+
+def make_optimizer(train: TrainConfig, params) -> optax.GradientTransformation:
+    """AdamW with clipping; weight decay on matrices only. In mtp_distill mode only the MTP heads
+    are trained (everything else gets zero updates)."""
+    decay_mask = jax.tree.map(lambda p: p.ndim >= 2, params)
+    tx = optax.chain(
+        optax.clip_by_global_norm(train.grad_clip),
+        optax.adamw(learning_rate_schedule(train), b1=train.b1, b2=train.b2, eps=train.eps,
+                    weight_decay=train.weight_decay, mask=decay_mask),
+    )
+    if train.mode == "mtp_distill":
+        labels = jax.tree_util.tree_map_with_path(
+            lambda path, _: "train" if any(getattr(k, "key", None) == "mtp" for k in path) else "freeze", params)
+        tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+    return tx
+
+
+def train_step_fn(graphdef, tx: optax.GradientTransformation, train: TrainConfig = TrainConfig()):
+    """step(params, opt_state, rest, input_ids, segment_ids) -> (params, opt_state, metrics).
+
+    With grad_accum_steps > 1 the batch is split into that many micro-batches whose gradients are
+    averaged before one optimizer update. metrics["router"] holds the router loads for
+    `router_bias_step`.
+    """
+
+    def loss_fn(params, rest, input_ids_BT, segment_ids_BT):
+        out = nnx.merge(graphdef, params, rest)(input_ids_BT, segment_ids_BT)
+        if train.mode == "mtp_distill":
+            loss, metrics = mtp_distill_loss(out, input_ids_BT, segment_ids_BT)
+        else:
+            loss, metrics = lm_loss(out, input_ids_BT, segment_ids_BT, train.mtp_weight, train.balance_weight,
+                                    train.z_loss_weight)
+        return loss, {**metrics, "loss": loss, "router": {k: s.load_E for k, s in out.router.items()}}
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(params, opt_state, rest, input_ids_BT, segment_ids_BT):
-        def loss_fn(params):
-            out = nnx.merge(graphdef, params, rest)(input_ids_BT, segment_ids_BT)
-            return lm_loss(out, input_ids_BT, segment_ids_BT, mtp_weight)
+        if train.grad_accum_steps == 1:
+            (_, metrics), grads = grad_fn(params, rest, input_ids_BT, segment_ids_BT)
+        else:
+            micro = train.grad_accum_steps
 
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            def split(x):
+                return x.reshape((micro, x.shape[0] // micro) + x.shape[1:])
+
+            def accumulate(total, batch):
+                (_, metrics), grads = grad_fn(params, rest, *batch)
+                return jax.tree.map(jnp.add, total, grads), metrics
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            grads, metrics = jax.lax.scan(accumulate, zeros, (split(input_ids_BT), split(segment_ids_BT)))
+            grads = jax.tree.map(lambda g: g / micro, grads)
+            router = jax.tree.map(lambda x: x.mean(0), metrics.pop("router"))
+            metrics = {**jax.tree.map(lambda x: x.mean(0), metrics), "router": router}
         updates, opt_state = tx.update(grads, opt_state, params)
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+        metrics["grad_norm"] = optax.tree.norm(grads)
         return optax.apply_updates(params, updates), opt_state, metrics
 
     return step
 
 
+def router_bias_step(graphdef, params, rest, router_loads: dict, rate: float):
+    """The rest state (router biases...) after b_e += rate * sign(mean load - load_e); and the
+    load imbalance (max / mean load, averaged over MoE layers) of the step that produced the loads."""
+    from mimo_jax.moe import RouterStats
+
+    model = nnx.merge(graphdef, params, rest)
+    stats = {k: RouterStats(load_E=v, balance=jnp.float32(0)) for k, v in router_loads.items()}
+    imbalance = load_imbalance(stats)
+    if rate:
+        update_router_bias(model, stats, rate)
+    return nnx.state(model, nnx.Not(nnx.Param)), imbalance
+
+
 def sharded_train_step(graphdef, params, rest, tx, mesh: Mesh, rules: ShardingRules, batch_shape,
-                       mtp_weight: float = 0.3):
+                       train: TrainConfig = TrainConfig()):
     """(jitted step, shardings dict) for `params`/`rest` (arrays or abstract) on `mesh`.
 
     The shardings dict has "params", "opt_state", "rest" and "batch" for device_put / restore.
@@ -50,7 +127,7 @@ def sharded_train_step(graphdef, params, rest, tx, mesh: Mesh, rules: ShardingRu
         "batch": NamedSharding(mesh, sharding.logical_spec(("batch", "seq"), rules, mesh, batch_shape)),
     }
     shardings["opt_state"] = sharding.optimizer_shardings(tx, jax.eval_shape(tx.init, params), shardings["params"], mesh)
-    step = train_step_fn(graphdef, tx, mtp_weight)
+    step = train_step_fn(graphdef, tx, train)
 
     def traced(*args):
         with sharding.activate(mesh, rules):

@@ -52,3 +52,37 @@ def test_loss_terms_and_mtp_metrics(small_overrides):
     # A head whose logits are the main head's, shifted to the same target, agrees everywhere.
     copy = out.replace(mtp_logits=jnp.stack([jnp.roll(out.logits, -(k + 1), axis=1) for k in range(3)]))
     np.testing.assert_allclose(lm_loss(copy, ids)[1]["mtp_agree"], 1.0)
+
+
+def test_mtp_distillation_is_zero_when_heads_copy_the_main_head_and_trains_only_heads(small_overrides):
+    from mimo_jax.config import TrainConfig
+    from mimo_jax.objective import mtp_distill_loss
+    from mimo_jax.train_step import make_optimizer, train_step_fn
+
+    model = MiMoV2Flash(load_config("tiny", small_overrides).model, rngs=nnx.Rngs(0))
+    ids = jax.random.randint(jax.random.key(2), (2, 16), 0, model.config.vocab_size)
+    out = model(ids)
+    copy = out.replace(mtp_logits=jnp.stack([jnp.roll(out.logits, -(k + 1), axis=1) for k in range(3)]))
+    assert float(mtp_distill_loss(copy, ids)[0]) == pytest.approx(0.0, abs=1e-6)
+    assert float(mtp_distill_loss(out, ids)[0]) > 0
+
+    train = TrainConfig(mode="mtp_distill", warmup_steps=0, learning_rate=1e-2)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = make_optimizer(train, params)
+    step = jax.jit(train_step_fn(graphdef, tx, train))
+    new_params, _, metrics = step(params, tx.init(params), rest, ids, jnp.ones_like(ids))
+    for (path, old), new in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(new_params)):
+        changed = not np.array_equal(old, new)
+        assert changed == ("mtp" in jax.tree_util.keystr(path)), jax.tree_util.keystr(path)
+    assert metrics["mtp_kl"].shape == (3,)
+
+
+def test_schedule_warms_up_holds_then_decays():
+    from mimo_jax.config import TrainConfig
+    from mimo_jax.train_step import learning_rate_schedule
+
+    lr = learning_rate_schedule(TrainConfig(steps=100, learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=10,
+                                            constant_steps=20))
+    assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(5e-4)
+    assert float(lr(10)) == pytest.approx(1e-3) and float(lr(29)) == pytest.approx(1e-3)
+    assert 1e-4 < float(lr(60)) < 1e-3 and float(lr(100)) == pytest.approx(1e-4)

@@ -1,0 +1,96 @@
+"""train.py end to end on a very small model: exact resume after SIGKILL, the router-bias rule
+balancing experts, metrics and plots, and CLI errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = [
+    "model.vocab_size=259", "model.hidden_size=32", "model.num_layers=3", "model.layer_types=[global, swa, swa]",
+    "model.mlp_types=[dense, moe, moe]", "model.qk_head_dim=24", "model.v_head_dim=16", "model.intermediate_size=48",
+    "model.moe_intermediate_size=16", "model.num_experts=8", "model.num_experts_per_token=2",
+    "model.sliding_window=7", "model.num_mtp_heads=2", "train.batch_size=4", "train.seq_len=32",
+    "train.warmup_steps=0", "train.decay=constant", "train.learning_rate=3e-3", "train.eval_every=0",
+    "train.eval_batches=2", "train.log_every=1", "mesh.fsdp=1",
+]
+
+
+def _train_cmd(workdir, *overrides):
+    return [sys.executable, os.path.join(ROOT, "train.py"), "--config", "tiny", "--workdir", str(workdir), *SMALL,
+            *overrides]
+
+
+def _env():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def test_resume_after_sigkill_gives_identical_losses(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(_train_cmd(straight, "train.steps=8", "train.checkpoint_every=4"), env=_env(), check=True,
+                   capture_output=True, timeout=300)
+    # A long run, killed without warning once its step-4 checkpoint is committed.
+    proc = subprocess.Popen(_train_cmd(killed, "train.steps=1000", "train.checkpoint_every=4"), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "4" / "_CHECKPOINT_METADATA").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "no checkpoint at step 4"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = subprocess.run(_train_cmd(killed, "train.steps=8", "train.checkpoint_every=4"), env=_env(),
+                             capture_output=True, timeout=300, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    want, got = _losses(straight), _losses(killed)
+    assert sorted(got) == list(range(1, 9))
+    for step in range(1, 9):
+        assert got[step] == want[step], (step, got[step], want[step])
+
+
+def test_router_bias_rule_lowers_expert_imbalance(tmp_path):
+    from mimo_jax.config import load_config
+    from mimo_jax.training import train
+
+    def imbalance(rate, workdir):
+        cfg = load_config("tiny", SMALL + ["train.steps=40", "train.checkpoint_every=1000", "train.balance_weight=0",
+                                           f"train.bias_update_rate={rate}"])
+        records = train(cfg, str(workdir), log=lambda _: None)
+        return np.mean([r["expert_load_imbalance"] for r in records[-10:]])
+
+    assert imbalance(1e-2, tmp_path / "on") < 0.9 * imbalance(0.0, tmp_path / "off")
+
+
+def test_metrics_and_plot(tmp_path):
+    from mimo_jax.config import load_config
+    from mimo_jax.plot import plot
+    from mimo_jax.training import train
+
+    cfg = load_config("tiny", SMALL + ["train.steps=3", "train.checkpoint_every=1000", "train.eval_every=3"])
+    records = train(cfg, str(tmp_path), log=lambda _: None)
+    for key in ("loss", "lm", "mtp", "mtp_top1", "mtp_agree", "expert_load_imbalance", "router_bias_norm", "grad_norm",
+                "learning_rate", "tokens_per_second", "flops_per_second"):
+        assert key in records[-1], key
+    assert "eval_loss" in records[-1] and len(records[-1]["mtp"]) == 2
+    png = plot(str(tmp_path))
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_keys_are_errors_listing_valid_ones(tmp_path):
+    out = subprocess.run(_train_cmd(tmp_path, "train.stepz=3"), env=_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "valid keys" in out.stderr and "steps" in out.stderr
