@@ -58,12 +58,13 @@ def _checkpoint_manager(workdir: str, keep: int):
     )
 
 
-def _save(manager, step: int, state: dict, data_iter):
+def _save(manager, step: int, state: dict, data_iter, cfg: Config):
     import grain
     import orbax.checkpoint as ocp
 
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               data=grain.checkpoint.CheckpointSave(data_iter)))
+                                               data=grain.checkpoint.CheckpointSave(data_iter),
+                                               config=ocp.args.JsonSave(to_dict(cfg))))
 
 
 def _restore(manager, step: int, target: dict, data_iter) -> dict:
@@ -203,13 +204,34 @@ def train(cfg: Config, workdir: str, log=print) -> list[dict]:
                 raise FloatingPointError(f"loss became {record['loss']} at step {step}; the last checkpoint is kept")
             save_now = step % tcfg.checkpoint_every == 0 or step == tcfg.steps or stop.signal is not None
             if save_now:
-                _save(manager, step, {"params": params, "opt_state": opt_state, "rest": rest}, data_iter)
+                _save(manager, step, {"params": params, "opt_state": opt_state, "rest": rest}, data_iter, cfg)
             if stop.signal is not None:
                 log(f"signal {stop.signal}: saved checkpoint {step}, exiting")
                 break
     manager.wait_until_finished()
     manager.close()
     return records
+
+
+def load_checkpoint(workdir: str, step: int | None = None) -> MiMoV2Flash:
+    """The model of a train.py workdir's checkpoint (latest by default), e.g. to export it with
+    `mimo_jax.save_hf(load_checkpoint("runs/tiny"), "out")` for transformers / vLLM / SGLang."""
+    import orbax.checkpoint as ocp
+
+    from mimo_jax.config import from_dict
+
+    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint")
+    cfg = from_dict(Config, manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
+    model = MiMoV2Flash(cfg.model, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    target = {"params": params, "rest": rest}
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))["state"]
+    manager.close()
+    return nnx.merge(graphdef, restored["params"], restored["rest"])
 
 
 def tx_learning_rate(tcfg, count: int) -> float:
