@@ -179,9 +179,10 @@ def train(cfg: Config, workdir: str, log=print) -> list[dict]:
             batch = next(data_iter)
             ids = distributed.global_batch(batch["input_ids"], shardings["batch"])
             seg = distributed.global_batch(batch["segment_ids"], shardings["batch"])
-            if flops_per_step is None:
-                cost = step_fn.lower(params, opt_state, rest, ids, seg).compile().cost_analysis()
-                flops_per_step = float(cost.get("flops", float("nan"))) if cost else float("nan")
+            if flops_per_step is None:  # counted on the traced step: XLA counts a scanned layer once
+                from mimo_jax.plan import jaxpr_flops
+
+                flops_per_step = jaxpr_flops(jax.make_jaxpr(step_fn)(params, opt_state, rest, ids, seg))["total"]
             params, opt_state, metrics = step_fn(params, opt_state, rest, ids, seg)
             rest, imbalance = bias_fn(params, rest, metrics["router"])
             record = {"step": step, **_host_scalars(metrics), "expert_load_imbalance": float(imbalance),
