@@ -77,16 +77,29 @@ def _restore(manager, step: int, target: dict, data_iter) -> dict:
 
 
 def _initial_model(cfg: Config):
+    """From scratch, from a Hugging Face checkpoint directory, or from another train.py workdir's
+    latest checkpoint (its weights only: the optimizer and data start fresh)."""
     init = cfg.train.init_from
     if not init:
         return MiMoV2Flash(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
     if os.path.exists(os.path.join(init, "config.json")):
         from mimo_jax.hf_io import load_hf
 
-        return load_hf(init, jnp.dtype(cfg.model.param_dtype), **{
-            k: getattr(cfg.model, k) for k in ("attention_impl", "moe_impl", "kernel_mode", "remat", "dtype")})
-    raise ValueError(f"train.init_from={init!r}: not a Hugging Face checkpoint directory (no config.json); to continue "
-                     "a train.py run, use its workdir as --workdir instead")
+        # load_hf gives params and activations one dtype; the run's model may compute in another.
+        model = MiMoV2Flash(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
+        loaded = nnx.state(load_hf(init, jnp.dtype(cfg.model.param_dtype)))
+        ours = dict(nnx.to_flat_state(nnx.state(model)))
+        for path, var in nnx.to_flat_state(loaded):
+            want = ours[path].get_value().shape if path in ours else None
+            if want != var.get_value().shape:
+                raise ValueError(f"train.init_from={init!r}: {'/'.join(map(str, path))} has shape "
+                                 f"{var.get_value().shape}, the configured model needs {want}")
+        nnx.update(model, loaded)
+        return model
+    if os.path.isdir(os.path.join(init, "checkpoints")):
+        return load_checkpoint(init, model_cfg=cfg.model)
+    raise ValueError(f"train.init_from={init!r}: neither a Hugging Face checkpoint directory (config.json) nor a "
+                     "train.py workdir (checkpoints/)")
 
 
 def _truncate_metrics(path: str, after_step: int) -> None:
@@ -214,9 +227,13 @@ def train(cfg: Config, workdir: str, log=print) -> list[dict]:
     return records
 
 
-def load_checkpoint(workdir: str, step: int | None = None) -> MiMoV2Flash:
+def load_checkpoint(workdir: str, step: int | None = None, model_cfg=None) -> MiMoV2Flash:
     """The model of a train.py workdir's checkpoint (latest by default), e.g. to export it with
-    `mimo_jax.save_hf(load_checkpoint("runs/tiny"), "out")` for transformers / vLLM / SGLang."""
+    `mimo_jax.save_hf(load_checkpoint("runs/tiny"), "out")` for transformers / vLLM / SGLang.
+
+    `model_cfg` builds the model from another config of the same shapes (say, other kernels);
+    by default the checkpoint's own config is used.
+    """
     import orbax.checkpoint as ocp
 
     from mimo_jax.config import from_dict
@@ -225,9 +242,10 @@ def load_checkpoint(workdir: str, step: int | None = None) -> MiMoV2Flash:
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint")
-    cfg = from_dict(Config, manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
-    model = MiMoV2Flash(cfg.model, rngs=nnx.Rngs(0))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if model_cfg is None:
+        saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        model_cfg = from_dict(Config, saved).model
+    graphdef, params, rest = nnx.split(MiMoV2Flash(model_cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
     target = {"params": params, "rest": rest}
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))["state"]

@@ -135,3 +135,36 @@ def test_gradient_accumulation_matches_the_full_batch():
     np.testing.assert_allclose(results[1][1]["grad_norm"], results[0][1]["grad_norm"], rtol=1e-4)
     for a, b in zip(jax.tree.leaves(results[1][0]), jax.tree.leaves(results[0][0])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    proc = subprocess.Popen(_train_cmd(tmp_path, "train.steps=1000", "train.checkpoint_every=3"), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "checkpoints" / "3" / "_CHECKPOINT_METADATA").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    saved = max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert f"saved checkpoint {saved}, exiting" in stderr and saved >= 3
+
+
+def test_fine_tuning_starts_from_hf_weights_or_another_run(tmp_path):
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mimo_jax import MiMoV2Flash, save_hf
+    from mimo_jax.config import load_config
+    from mimo_jax.training import _initial_model, load_checkpoint, train
+
+    cfg = load_config("tiny", SMALL + ["train.steps=2", "train.checkpoint_every=1000"])
+    train(cfg, str(tmp_path / "first"), log=lambda _: None)
+    first = load_checkpoint(str(tmp_path / "first"))
+    save_hf(first, str(tmp_path / "hf"), dtype=jnp.float32)
+    for source in (tmp_path / "hf", tmp_path / "first"):
+        cfg2 = load_config("tiny", SMALL + [f"train.init_from={source}"])
+        np.testing.assert_allclose(_initial_model(cfg2).embed[...], first.embed[...], rtol=1e-6)
+    scratch = MiMoV2Flash(cfg.model, rngs=nnx.Rngs(0))
+    assert not np.allclose(scratch.embed[...], first.embed[...])
