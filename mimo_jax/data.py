@@ -31,6 +31,7 @@ and pickling requirements of grain's multiprocessing workers.
 
 from __future__ import annotations
 
+import abc
 import collections
 import dataclasses
 import functools
@@ -277,17 +278,17 @@ def _string_key(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
 
 
-class _Corpus:
+class _Corpus(abc.ABC):
     """Documents by index. `split_keys` gives each document a stable 64-bit key for the eval split."""
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
 
-    def __getitem__(self, index: int) -> str:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __getitem__(self, index: int) -> str: ...
 
-    def split_keys(self) -> np.ndarray:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def split_keys(self) -> np.ndarray: ...
 
 
 class FileCorpus(_Corpus):
@@ -806,20 +807,9 @@ def make_iter_dataset(
     return batches
 
 
-def make_dataset(
-    data_cfg: DataConfig,
-    *,
-    seq_len: int,
-    batch_size: int,
-    split: str = "train",
-    seed: int = 0,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
-    tokenizer: Tokenizer | None = None,
-    num_epochs: int | None | object = SPLIT_DEFAULT,
-    shuffle: bool | None = None,
-) -> grain.DatasetIterator:
-    """A checkpointable iterator of this host's batches (dicts of int32 [batch_size // shard_count, seq_len]).
+def make_dataset(data_cfg: DataConfig, **kwargs) -> grain.DatasetIterator:
+    """A checkpointable iterator of this host's batches (dicts of int32 [batch_size // shard_count, seq_len]);
+    the keyword arguments are `make_iter_dataset`'s (seq_len, batch_size, split, seed, ...).
 
     `batch_size` is the global batch; each of `shard_count` hosts (default: jax.process_count(),
     this one jax.process_index()) reads every shard_count-th document and yields its share of rows.
@@ -829,10 +819,7 @@ def make_dataset(
     `iterator.get_state()` / `set_state()` resume exactly; grain.checkpoint.CheckpointSave/Restore
     store them with Orbax.
     """
-    return iter(make_iter_dataset(
-        data_cfg, seq_len=seq_len, batch_size=batch_size, split=split, seed=seed, shard_index=shard_index,
-        shard_count=shard_count, tokenizer=tokenizer, num_epochs=num_epochs, shuffle=shuffle,
-    ))
+    return iter(make_iter_dataset(data_cfg, **kwargs))
 
 
 def unigram_entropy(data_cfg: DataConfig, *, tokenizer: Tokenizer | None = None, split: str = "eval",
