@@ -26,7 +26,7 @@ from mimo_jax import distributed, sharding
 from mimo_jax.config import Config, to_dict
 from mimo_jax.data import check_tokenizer_fits, make_dataset, make_tokenizer, unigram_entropy
 from mimo_jax.model import MiMoV2Flash
-from mimo_jax.train_step import make_optimizer, router_bias_step, sharded_train_step
+from mimo_jax.train_step import learning_rate_schedule, make_optimizer, router_bias_step, sharded_train_step
 
 
 class _StopRequested:
@@ -149,6 +149,7 @@ def train(cfg: Config, workdir: str, log=print) -> list[dict]:
 
     graphdef, params, rest = nnx.split(_initial_model(cfg), nnx.Param, ...)
     tx = make_optimizer(tcfg, params)
+    schedule = learning_rate_schedule(tcfg)
     batch_shape = (tcfg.batch_size, tcfg.seq_len)
     step_fn, shardings = sharded_train_step(graphdef, params, rest, tx, mesh, cfg.sharding, batch_shape, tcfg)
     params = jax.device_put(params, shardings["params"])
@@ -201,7 +202,7 @@ def train(cfg: Config, workdir: str, log=print) -> list[dict]:
             record = {"step": step, **_host_scalars(metrics), "expert_load_imbalance": float(imbalance),
                       "router_bias_norm": _bias_norm(rest)}
             now = time.perf_counter()
-            record.update(learning_rate=float(tx_learning_rate(tcfg, step - 1)), step_seconds=now - last,
+            record.update(learning_rate=float(schedule(step - 1)), step_seconds=now - last,
                           tokens_per_second=tokens_per_step / (now - last),
                           flops_per_second=flops_per_step / (now - last))
             last = now
@@ -251,12 +252,6 @@ def load_checkpoint(workdir: str, step: int | None = None, model_cfg=None) -> Mi
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))["state"]
     manager.close()
     return nnx.merge(graphdef, restored["params"], restored["rest"])
-
-
-def tx_learning_rate(tcfg, count: int) -> float:
-    from mimo_jax.train_step import learning_rate_schedule
-
-    return float(learning_rate_schedule(tcfg)(count))
 
 
 def _bias_norm(rest) -> float:
