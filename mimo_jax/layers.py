@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mimo_jax import attention as attention_ops
+from mimo_jax import kv_cache
 from mimo_jax.config import ModelConfig
 
 LAYERS = "layers"
@@ -96,16 +97,26 @@ class Attention(nnx.Module):
         self.impl = cfg.attention_impl
         self.interpret = cfg.pallas_interpret
 
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT=None):
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT=None, cache=None, step=None):
+        """Output [B, T, D]; with a `kv_cache.LayerKV` cache (and its `CacheStep`), (output, cache)."""
         dt = x_BTD.dtype
         q_BTHD = jnp.einsum("btd,dhk->bthk", x_BTD, self.q[...].astype(dt))
         k_BTKD = jnp.einsum("btd,dhk->bthk", x_BTD, self.k[...].astype(dt))
         v_BTKV = jnp.einsum("btd,dhk->bthk", x_BTD, self.v[...].astype(dt)) * jnp.asarray(self.value_scale, dt)
         q_BTHD = apply_rope(q_BTHD, positions_BT, self.theta, self.rotary_dim)
         k_BTKD = apply_rope(k_BTKD, positions_BT, self.theta, self.rotary_dim)
+        impl, kv_positions = self.impl, positions_BT
+        if cache is not None:
+            if self.window is None:
+                cache, k_BTKD, v_BTKV, kv_positions = kv_cache.global_attend(cache, step, k_BTKD, v_BTKV)
+            else:
+                # The ring's order keys wrap and hold hidden slots: outside the kernel's static bound.
+                cache, k_BTKD, v_BTKV, kv_positions = kv_cache.ring_attend(cache, step, positions_BT, k_BTKD, v_BTKV)
+                impl = "xla"
         out_BTHV = attention_ops.attention(
             q_BTHD, k_BTKD, v_BTKV, None if self.sinks is None else self.sinks[...],
-            window=self.window, q_positions=positions_BT, kv_positions=positions_BT,
-            segment_ids=segment_ids_BT, impl=self.impl, interpret=self.interpret,
+            window=self.window, q_positions=positions_BT, kv_positions=kv_positions,
+            segment_ids=segment_ids_BT, impl=impl, interpret=self.interpret,
         )
-        return jnp.einsum("bthv,hvd->btd", out_BTHV, self.o[...].astype(dt))
+        out_BTD = jnp.einsum("bthv,hvd->btd", out_BTHV, self.o[...].astype(dt))
+        return out_BTD if cache is None else (out_BTD, cache)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mimo_jax import sharding
+from mimo_jax.kv_cache import KVCache
 from mimo_jax.config import DENSE, SWA, ModelConfig
 from mimo_jax.layer_plan import Segment, plan_layers
 from mimo_jax.layers import Attention, DenseMLP, RMSNorm, make_param
@@ -32,6 +33,7 @@ class ModelOutput:
     # RouterStats per MoE run, keyed "segment/run", each stacked [repeats, length, ...] like the
     # run's parameters (so the router-bias update lines up with the RouterBias variables).
     router: dict = flax.struct.field(default_factory=dict)
+    cache: KVCache | None = None  # the updated cache, when the call was given one
 
 
 class DecoderLayer(nnx.Module):
@@ -43,12 +45,14 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg, stack, rngs=rngs)
         self.mlp = DenseMLP(cfg, stack, rngs=rngs) if mlp_type == DENSE else MoE(cfg, stack, rngs=rngs)
 
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT=None):
-        """(x, RouterStats or None for a dense FFN)."""
-        x_BTD = x_BTD + self.attn(self.input_norm(x_BTD), positions_BT, segment_ids_BT)
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT=None, cache=None, step=None):
+        """(x, RouterStats or None for a dense FFN, updated cache or None)."""
+        attn = self.attn(self.input_norm(x_BTD), positions_BT, segment_ids_BT, cache, step)
+        attn_BTD, cache = attn if cache is not None else (attn, None)
+        x_BTD = x_BTD + attn_BTD
         y_BTD = self.mlp(self.post_attn_norm(x_BTD))
         y_BTD, stats = y_BTD if isinstance(y_BTD, tuple) else (y_BTD, None)
-        return x_BTD + y_BTD, stats
+        return x_BTD + y_BTD, stats, cache
 
 
 class LayerSegment(nnx.Module):
@@ -61,27 +65,33 @@ class LayerSegment(nnx.Module):
             [DecoderLayer(cfg, *run.kind, stack=(segment.repeats, run.length), rngs=rngs) for run in segment.runs]
         )
 
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT=None):
-        """(x, [RouterStats stacked [repeats, length] or None, per run])."""
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT=None, caches=None, step=None):
+        """(x, [RouterStats stacked [repeats, length] or None, per run], [updated cache per run] or None).
+
+        `caches` holds one `kv_cache.LayerKV` per run, stacked like the run's parameters."""
         splits = [nnx.split(run) for run in self.runs]
         graphdefs = [g for g, _ in splits]
 
-        def period(x, states):
-            run_stats = []
-            for graphdef, state in zip(graphdefs, states):
+        def period(x, xs):
+            states, period_caches = xs
+            run_stats, run_caches = [], []
+            for graphdef, state, cache in zip(graphdefs, states, period_caches):
 
-                def layer(x, layer_state, graphdef=graphdef):
-                    x, stats = nnx.merge(graphdef, layer_state)(x, positions_BT, segment_ids_BT)
-                    return sharding.constrain(x, ACTIVATION_AXES), stats
+                def layer(x, layer_xs, graphdef=graphdef):
+                    layer_state, layer_cache = layer_xs
+                    x, stats, layer_cache = nnx.merge(graphdef, layer_state)(x, positions_BT, segment_ids_BT, layer_cache, step)
+                    return sharding.constrain(x, ACTIVATION_AXES), (stats, layer_cache)
 
                 if self.remat != "none":
                     layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-                x, stats = jax.lax.scan(layer, x, state)
+                x, (stats, cache) = jax.lax.scan(layer, x, (state, cache))
                 run_stats.append(stats)
-            return x, run_stats
+                run_caches.append(cache)
+            return x, (run_stats, run_caches)
 
-        x_BTD, run_stats = jax.lax.scan(period, x_BTD, tuple(s for _, s in splits))
-        return x_BTD, run_stats
+        period_caches = tuple(caches) if caches is not None else (None,) * len(splits)
+        x_BTD, (run_stats, run_caches) = jax.lax.scan(period, x_BTD, (tuple(s for _, s in splits), period_caches))
+        return x_BTD, run_stats, (run_caches if caches is not None else None)
 
 
 class MTPHead(nnx.Module):
@@ -99,11 +109,13 @@ class MTPHead(nnx.Module):
         self.block = DecoderLayer(cfg, SWA, DENSE, stack, rngs=rngs)
         self.final_norm = RMSNorm(cfg, stack, rngs=rngs)
 
-    def __call__(self, hidden_BTD, token_embeds_BTD, positions_BT, segment_ids_BT=None):
+    def __call__(self, hidden_BTD, token_embeds_BTD, positions_BT, segment_ids_BT=None, cache=None, step=None):
+        """(final_norm(z), updated cache or None)."""
         dt = hidden_BTD.dtype
         eh_BT2D = jnp.concatenate([self.enorm(token_embeds_BTD), self.hnorm(hidden_BTD)], axis=-1)
         z_BTD = eh_BT2D @ self.eh_proj[...].astype(dt)
-        return self.final_norm(self.block(z_BTD, positions_BT, segment_ids_BT)[0])
+        z_BTD, _, cache = self.block(z_BTD, positions_BT, segment_ids_BT, cache, step)
+        return self.final_norm(z_BTD), cache
 
 
 def positions_from_segments(segment_ids_BT):
@@ -137,23 +149,38 @@ class MiMoV2Flash(nnx.Module):
         logits = jnp.einsum("...d,dv->...v", hidden, self.lm_head[...].astype(hidden.dtype), preferred_element_type=jnp.float32)
         return sharding.constrain(logits, (None,) * (logits.ndim - 3) + ("batch", "seq", "act_vocab"))
 
-    def __call__(self, input_ids_BT, segment_ids_BT=None, positions_BT=None) -> ModelOutput:
+    def __call__(self, input_ids_BT, segment_ids_BT=None, positions_BT=None, *, cache: KVCache | None = None,
+                 valid_BT=None, logits: bool = True) -> ModelOutput:
+        """Training / scoring without `cache`; with one, a prefill chunk, decode or verify step.
+
+        A cached step writes the new tokens' keys at `positions_BT` (rows may be at different
+        positions; `valid_BT` False marks padding that is not written) and skips the MTP heads,
+        which decoding drives itself (`mtp_heads`). `logits=False` returns only the hidden state.
+        """
         if positions_BT is None:
             positions_BT = (
                 positions_from_segments(segment_ids_BT)
                 if segment_ids_BT is not None
                 else jnp.broadcast_to(jnp.arange(input_ids_BT.shape[1]), input_ids_BT.shape)
             )
+        step = cache.step(positions_BT, valid_BT) if cache is not None else None
         x_BTD = sharding.constrain(self.embed_tokens(input_ids_BT), ACTIVATION_AXES)
-        router = {}
+        router, layer_caches = {}, {}
         for i, segment in enumerate(self.segments):
-            x_BTD, run_stats = segment(x_BTD, positions_BT, segment_ids_BT)
+            runs = range(len(segment.runs))
+            caches = [cache.layers[f"{i}/{j}"] for j in runs] if cache is not None else None
+            x_BTD, run_stats, caches = segment(x_BTD, positions_BT, segment_ids_BT, caches, step)
             router.update({f"{i}/{j}": stats for j, stats in enumerate(run_stats) if stats is not None})
+            if caches is not None:
+                layer_caches.update({f"{i}/{j}": c for j, c in zip(runs, caches)})
         hidden_BTD = self.final_norm(x_BTD)
         mtp_logits = None
-        if self.mtp is not None:
+        if self.mtp is not None and cache is None and logits:
             mtp_logits = self.logits(self.mtp_hidden(hidden_BTD, input_ids_BT, positions_BT, segment_ids_BT))
-        return ModelOutput(logits=self.logits(hidden_BTD), mtp_logits=mtp_logits, hidden=hidden_BTD, router=router)
+        if cache is not None:
+            cache = cache.replace(layers=layer_caches).advance(step, positions_BT)
+        return ModelOutput(logits=self.logits(hidden_BTD) if logits else None, mtp_logits=mtp_logits,
+                           hidden=hidden_BTD, router=router, cache=cache)
 
     def moe_runs(self):
         """{"segment/run": MoE module} for every stacked run of MoE layers (keys as in ModelOutput.router)."""
@@ -162,11 +189,34 @@ class MiMoV2Flash(nnx.Module):
 
     def mtp_hidden(self, hidden_BTD, input_ids_BT, positions_BT, segment_ids_BT=None):
         """[K, B, T, D]: the heads are not chained, so they all run at once on the main hidden state."""
-        k = self.config.num_mtp_heads
-        embeds_KBTD = jnp.stack([self.embed_tokens(shift_tokens(input_ids_BT, i + 1)) for i in range(k)])
+        ids_KBT = jnp.stack([shift_tokens(input_ids_BT, i + 1) for i in range(self.config.num_mtp_heads)])
+        return self.mtp_heads(hidden_BTD, ids_KBT, positions_BT, segment_ids_BT)[0]
+
+    def mtp_heads(self, hidden_BTD, ids_KBT, positions_BT, segment_ids_BT=None, *, cache: KVCache | None = None,
+                  valid_BT=None, head: int | None = None):
+        """(hidden [K, B, T, D], cache): head k reads (h_j, ids_KBT[k, :, j]) at position j.
+
+        `head=k` runs that head alone on ids [B, T] (drafting is sequential). With `cache`, the
+        heads attend over and write their own SWA rings (`cache.mtp`); a single head leaves the
+        rings' slot positions for the caller to advance once all heads wrote the same positions.
+        """
         graphdef, state = nnx.split(self.mtp)
+        step = cache.mtp_step(positions_BT, valid_BT) if cache is not None else None
 
-        def head(head_state, embeds_BTD):
-            return nnx.merge(graphdef, head_state)(hidden_BTD, embeds_BTD, positions_BT, segment_ids_BT)
+        def run(head_state, ids_BT, head_cache):
+            return nnx.merge(graphdef, head_state)(
+                hidden_BTD, self.embed_tokens(ids_BT), positions_BT, segment_ids_BT, head_cache, step)
 
-        return jax.vmap(head)(state, embeds_KBTD)
+        mtp_cache = cache.mtp if cache is not None else None
+        if head is None:
+            out, mtp_cache = jax.vmap(run)(state, ids_KBT, mtp_cache)
+        else:
+            pick = lambda tree: jax.tree.map(lambda x: x[head], tree)  # noqa: E731
+            out, head_cache = run(pick(state), ids_KBT, pick(mtp_cache))
+            if cache is not None:
+                mtp_cache = jax.tree.map(lambda all_, one: all_.at[head].set(one), mtp_cache, head_cache)
+        if cache is not None:
+            cache = cache.replace(mtp=mtp_cache)
+            if head is None:
+                cache = cache.advance(step, positions_BT, mtp=True)
+        return out, cache

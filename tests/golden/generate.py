@@ -621,12 +621,43 @@ def gen_fp8_d() -> None:
     sensitivity(deq_model, input_ids, logits, "fp8_d")
 
 
+DECODE_PROMPT_LENS = (9, 4)
+DECODE_NEW_TOKENS = 40  # several sliding windows past the prompt, so the SWA ring wraps
+
+
+@torch.no_grad()
+def gen_decode(name: str) -> None:
+    """`decode.npz`: transformers' greedy `generate` (KV cache on) for two prompts of different lengths.
+
+    `tokens` int32 [2, max prompt + DECODE_NEW_TOKENS] holds prompt + generated ids, -1 after a row's end.
+    """
+    folder = os.path.join(HERE, name)
+    model = MiMoV2FlashForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    input_ids = np.load(os.path.join(folder, "golden.npz"))["input_ids"]
+    width = max(DECODE_PROMPT_LENS) + DECODE_NEW_TOKENS
+    tokens = np.full((len(DECODE_PROMPT_LENS), width), -1, np.int32)
+    for row, n in enumerate(DECODE_PROMPT_LENS):
+        prompt = torch.from_numpy(input_ids[row : row + 1, :n].astype(np.int64))
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=DECODE_NEW_TOKENS,
+                             min_new_tokens=DECODE_NEW_TOKENS, do_sample=False, use_cache=True,
+                             pad_token_id=0, eos_token_id=None)
+        tokens[row, : out.shape[1]] = out[0].numpy()
+        # the cached generation must equal the argmax of full forwards (else the fixture is wrong)
+        full = forward_logits(model, tokens[row : row + 1, : out.shape[1]])
+        assert (full[0, n - 1 : -1].argmax(-1) == tokens[row, n : out.shape[1]]).all(), name
+    np.savez(os.path.join(folder, "decode.npz"), tokens=tokens, prompt_lens=np.asarray(DECODE_PROMPT_LENS, np.int32))
+    print(f"  {name}/decode.npz: greedy generate, prompts {DECODE_PROMPT_LENS}, {DECODE_NEW_TOKENS} new tokens")
+
+
 def main() -> None:
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
-    gen_hybrid_a_and_fused_c()
-    gen_pattern_b()
-    gen_fp8_d()
+    if sys.argv[1:] != ["--decode-only"]:  # --decode-only: add decode.npz to the existing folders
+        gen_hybrid_a_and_fused_c()
+        gen_pattern_b()
+        gen_fp8_d()
+    for name in ("hybrid_a", "pattern_b"):
+        gen_decode(name)
     total = 0
     for name in ("hybrid_a", "pattern_b", "fused_c", "fp8_d"):
         folder = os.path.join(HERE, name)

@@ -1,0 +1,351 @@
+"""Generation: chunked prefill, cached decoding, and speculative decoding with the MTP heads.
+
+Everything runs the model's one `__call__` (the same path training uses) with a `KVCache`.
+
+Decode state. Row b holds `length[b]` verified tokens in `tokens[b]` (the prompt, then output); the
+main model has processed positions 0 .. length - 2, and the last verified token (the one just
+sampled) is the next input. Positions past `length` are scratch, where drafts are written.
+
+Speculative round (spec section 4.4), with p = length - 2 and D drafts:
+1. Draft: head k at position j reads (h_j, x_{j+k+1}) and predicts x_{j+k+2}; heads run in turn at
+   position p, so head 0 reads the last verified token and head k the draft of head k - 1. Each head
+   first (re)writes its SWA cache over positions p - 2D + 1 .. p: entries there may have read
+   drafts in the last round, or not exist yet (the last round may have accepted D + 1 tokens).
+2. Verify: the main model runs [x_{p+1}, d_1 .. d_D] at positions p + 1 .. p + D + 1 in one step.
+3. Accept the longest agreeing prefix, then one more token from the main model: greedy rows by
+   exact match; sampling rows by the lossless rule for a deterministic draft (accept d with
+   probability p(d), else sample p with d removed), so the output distribution is the main
+   model's. Rejected positions need no cache rollback (see kv_cache.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mimo_jax import kv_cache
+from mimo_jax.kv_cache import KVCache
+
+DEFAULT_PREFILL_CHUNK = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@flax.struct.dataclass
+class DecodeState:
+    tokens: jax.Array  # [B, S + D + 1] int32; verified up to length, scratch after
+    length: jax.Array  # [B] verified tokens
+    limit: jax.Array  # [B] prompt length + max_new_tokens
+    done: jax.Array  # [B] bool: stopped or at the limit (free engine slots are done too)
+    stopped: jax.Array  # [B] bool: emitted a stop token
+    cache: KVCache
+    hidden: jax.Array | None  # [B, 3D, Dmodel] main final hidden states, slot = position % 3D (speculative)
+    rng: jax.Array  # [B] PRNG keys
+    temperature: jax.Array  # [B]
+    top_k: jax.Array  # [B]
+    top_p: jax.Array  # [B]
+    stop_ids: jax.Array  # [B, M], -1 = none
+    steps: jax.Array  # [B] main-model decode steps while the row was active
+    emitted: jax.Array  # [B] tokens those steps emitted
+    count_hist: jax.Array  # [B, D + 2] steps by tokens accepted + 1 (before a stop or the limit cut them)
+
+
+@dataclasses.dataclass
+class GenerateResult:
+    tokens: np.ndarray  # [B, prompt + generated], padded after a stop / the row's end
+    lengths: np.ndarray  # [B] prompt + generated tokens per row
+    acceptance_length: float | None  # mean tokens emitted per main-model step (speculative only)
+    count_hist: np.ndarray | None  # [D + 2]: main-model steps by tokens produced (speculative only)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+def processed_probs(logits_BV, temperature_B, top_k_B, top_p_B):
+    """The distribution rows sample from: softmax(logits / T) cut to top-k then top-p;
+    a one-hot argmax for greedy rows (T = 0)."""
+    logits_BV = logits_BV.astype(jnp.float32)
+    vocab = logits_BV.shape[-1]
+    greedy = temperature_B <= 0
+    x_BV = logits_BV / jnp.where(greedy, 1.0, temperature_B)[:, None]
+    sorted_BV = -jnp.sort(-x_BV, axis=-1)
+    k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, vocab), vocab)
+    kth_B1 = jnp.take_along_axis(sorted_BV, (k_B - 1)[:, None], axis=-1)
+    sorted_BV = jnp.where(sorted_BV >= kth_B1, sorted_BV, -jnp.inf)
+    p_sorted_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    # Keep the smallest prefix of the sorted tokens whose mass reaches top_p.
+    kept_B = jnp.sum((jnp.cumsum(p_sorted_BV, axis=-1) - p_sorted_BV) < top_p_B[:, None], axis=-1)
+    cut_B1 = jnp.take_along_axis(sorted_BV, jnp.maximum(kept_B - 1, 0)[:, None], axis=-1)
+    probs_BV = jax.nn.softmax(jnp.where(x_BV >= jnp.maximum(cut_B1, kth_B1), x_BV, -jnp.inf), axis=-1)
+    one_hot_BV = jax.nn.one_hot(jnp.argmax(logits_BV, axis=-1), vocab, dtype=jnp.float32)
+    return jnp.where(greedy[:, None], one_hot_BV, probs_BV)
+
+
+def _sample(keys_B, probs_BV):
+    return jax.vmap(lambda key, p: jax.random.categorical(key, jnp.log(p)))(keys_B, probs_BV).astype(jnp.int32)
+
+
+def _split(rng_B):
+    keys = jax.vmap(jax.random.split)(rng_B)
+    return keys[:, 0], keys[:, 1]
+
+
+def speculative_accept(probs_BNV, drafts_BD, keys_B):
+    """(tokens [B, D + 1], count [B]): drafts accepted left to right, then one token from the main
+    model: where every draft was accepted, a sample of the last distribution; else a sample of the
+    first rejecting position's distribution with the draft's token removed.
+
+    `probs_BNV` are the main model's processed distributions at the D + 1 verified positions. For a
+    one-hot (greedy) row this is exact-match acceptance plus the argmax.
+    """
+    b, n, vocab = probs_BNV.shape
+    d = n - 1
+    accept_key, sample_key = jax.vmap(jax.random.split, out_axes=1)(keys_B)
+    u_BD = jax.vmap(lambda key: jax.random.uniform(key, (d,)))(accept_key)
+    p_draft_BD = jnp.take_along_axis(probs_BNV[:, :d], drafts_BD[..., None], axis=-1)[..., 0]
+    accepted_B = jnp.sum(jnp.cumprod(u_BD < p_draft_BD, axis=1), axis=1)
+    residual_BV = jnp.take_along_axis(probs_BNV, accepted_B[:, None, None], axis=1)[:, 0]
+    rejected_B = jnp.take_along_axis(jnp.pad(drafts_BD, ((0, 0), (0, 1)), constant_values=-1),
+                                     accepted_B[:, None], axis=1)[:, 0]
+    residual_BV = jnp.where(jnp.arange(vocab) == rejected_B[:, None], 0.0, residual_BV)
+    residual_BV = residual_BV / jnp.sum(residual_BV, axis=-1, keepdims=True)
+    last_B = _sample(sample_key, residual_BV)
+    tokens_BN = jnp.concatenate([drafts_BD, jnp.zeros((b, 1), jnp.int32)], axis=1)
+    tokens_BN = jnp.where(jnp.arange(n) == accepted_B[:, None], last_B[:, None], tokens_BN)
+    return tokens_BN, accepted_B + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps (pure functions of the model and the state; jitted below)
+
+
+def _emit(state: DecodeState, proposed_BN, count_B) -> DecodeState:
+    """Append the first `count` of `proposed` to each active row, cut at a stop token or the limit."""
+    n = proposed_BN.shape[1]
+    idx = jnp.arange(n)
+    stop_BN = jnp.any(proposed_BN[..., None] == state.stop_ids[:, None, :], axis=-1) & (idx < count_B[:, None])
+    first_stop_B = jnp.where(jnp.any(stop_BN, axis=1), jnp.argmax(stop_BN, axis=1), n)
+    take_B = jnp.minimum(jnp.minimum(count_B, first_stop_B + 1), state.limit - state.length)
+    take_B = jnp.where(state.done, 0, take_B)
+    rows = jnp.arange(proposed_BN.shape[0])[:, None]
+    write_BN = jnp.where(idx < take_B[:, None], state.length[:, None] + idx, state.tokens.shape[1])
+    tokens = state.tokens.at[rows, write_BN].set(proposed_BN, mode="drop")
+    length = state.length + take_B
+    stopped = state.stopped | (~state.done & (first_stop_B < take_B))
+    active_B = (~state.done).astype(jnp.int32)
+    return state.replace(tokens=tokens, length=length, stopped=stopped, done=state.done | stopped | (length >= state.limit),
+                         steps=state.steps + active_B, emitted=state.emitted + take_B,
+                         count_hist=state.count_hist.at[rows[:, 0], count_B].add(active_B))
+
+
+def _take(tokens_BS, positions_BT):
+    return jnp.take_along_axis(tokens_BS, jnp.clip(positions_BT, 0, tokens_BS.shape[1] - 1), axis=1)
+
+
+def _write_hidden(hidden_BHD, positions_BT, valid_BT, new_BTD):
+    slots = kv_cache.ring_slots(positions_BT, valid_BT, hidden_BHD.shape[1])
+    return kv_cache.write_rows(hidden_BHD, slots, new_BTD)
+
+
+def prefill(model, state: DecodeState, prompt_BP, prompt_len_B, chunk: int) -> DecodeState:
+    """Run the prompts (right-padded to a multiple of `chunk`) through the caches chunk by chunk,
+    then sample each row's first token. With MTP rings, the heads prefill their caches too."""
+    b, p = prompt_BP.shape
+    cache, hidden = state.cache, state.hidden
+    last_BD = jnp.zeros((b, model.config.hidden_size), model.config.dtype)
+    for start in range(0, p, chunk):
+        positions_BT = jnp.broadcast_to(jnp.arange(start, start + chunk, dtype=jnp.int32), (b, chunk))
+        valid_BT = positions_BT < prompt_len_B[:, None]
+        out = model(prompt_BP[:, start:start + chunk], positions_BT=positions_BT, cache=cache, valid_BT=valid_BT,
+                    logits=False)
+        cache = out.cache
+        at_last_BT = positions_BT == (prompt_len_B - 1)[:, None]
+        last_BD = jnp.where(jnp.any(at_last_BT, 1)[:, None], jnp.sum(jnp.where(at_last_BT[..., None], out.hidden, 0), 1),
+                            last_BD)
+        if cache.mtp is not None:
+            hidden = _write_hidden(hidden, positions_BT, valid_BT, out.hidden)
+            # Head k reads token j + k + 1; those not yet known are rewritten by the first draft round.
+            ids_KBT = jnp.stack([_take(prompt_BP, positions_BT + k + 1) for k in range(model.config.num_mtp_heads)])
+            _, cache = model.mtp_heads(out.hidden, ids_KBT, positions_BT, cache=cache, valid_BT=valid_BT)
+    rng, key = _split(state.rng)
+    probs = processed_probs(model.logits(last_BD[:, None])[:, 0], state.temperature, state.top_k, state.top_p)
+    state = state.replace(cache=cache, hidden=hidden, rng=rng, length=prompt_len_B.astype(jnp.int32),
+                          tokens=state.tokens.at[:, :p].set(prompt_BP))
+    state = _emit(state, _sample(key, probs)[:, None], jnp.ones((b,), jnp.int32))
+    return state.replace(steps=jnp.zeros_like(state.steps), emitted=jnp.zeros_like(state.emitted),
+                         count_hist=jnp.zeros_like(state.count_hist))
+
+
+def decode_step(model, state: DecodeState) -> DecodeState:
+    """One token per row from the main model."""
+    positions_B1 = (state.length - 1)[:, None]
+    out = model(_take(state.tokens, positions_B1), positions_BT=positions_B1, cache=state.cache)
+    rng, key = _split(state.rng)
+    probs = processed_probs(out.logits[:, 0], state.temperature, state.top_k, state.top_p)
+    state = state.replace(cache=out.cache, rng=rng)
+    return _emit(state, _sample(key, probs)[:, None], jnp.ones_like(state.length))
+
+
+def speculative_step(model, state: DecodeState, num_draft: int) -> DecodeState:
+    """Draft `num_draft` tokens with the MTP heads, verify them in one main-model step, accept."""
+    d = num_draft
+    b = state.length.shape[0]
+    p_B = state.length - 2
+    # Draft: every head rewrites positions p - 2D + 1 .. p of its cache (see the module docstring).
+    positions_BT = p_B[:, None] + jnp.arange(-2 * d + 1, 1)
+    valid_BT = positions_BT >= 0
+    h_BTD = jnp.take_along_axis(state.hidden, (positions_BT % state.hidden.shape[1])[..., None], axis=1)
+    cache, tokens = state.cache, state.tokens
+    rows = jnp.arange(b)
+    mtp_step = cache.mtp_step(positions_BT, valid_BT)
+    for k in range(d):
+        out_BTD, cache = model.mtp_heads(h_BTD, _take(tokens, positions_BT + k + 1), positions_BT, cache=cache,
+                                         valid_BT=valid_BT, head=k)
+        draft_B = jnp.argmax(model.logits(out_BTD[:, -1:])[:, 0], axis=-1).astype(jnp.int32)
+        tokens = tokens.at[rows, state.length + k].set(draft_B, mode="drop")
+    cache = cache.advance(mtp_step, positions_BT, mtp=True)
+    # Verify the last verified token and the drafts.
+    verify_BN = state.length[:, None] - 1 + jnp.arange(d + 1)
+    out = model(_take(tokens, verify_BN), positions_BT=verify_BN, cache=cache)
+    hidden = _write_hidden(state.hidden, verify_BN, jnp.ones_like(verify_BN, bool), out.hidden)
+    probs_BNV = jax.vmap(processed_probs, in_axes=(1, None, None, None), out_axes=1)(
+        out.logits, state.temperature, state.top_k, state.top_p)
+    rng, key = _split(state.rng)
+    proposed_BN, count_B = speculative_accept(probs_BNV, _take(tokens, verify_BN[:, 1:]), key)
+    state = state.replace(tokens=tokens, cache=out.cache, hidden=hidden, rng=rng)
+    return _emit(state, proposed_BN, count_B)
+
+
+# ---------------------------------------------------------------------------------------------
+# Jitted entry points: the model travels as (graphdef, state) so one compile serves every call.
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk"), donate_argnames=("state",))
+def _prefill_jit(graphdef, params, state, prompt_BP, prompt_len_B, *, chunk):
+    return prefill(nnx.merge(graphdef, params), state, prompt_BP, prompt_len_B, chunk)
+
+
+def _step(model, state, num_draft):
+    return speculative_step(model, state, num_draft) if num_draft else decode_step(model, state)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_draft"), donate_argnames=("state",))
+def _step_jit(graphdef, params, state, *, num_draft):
+    return _step(nnx.merge(graphdef, params), state, num_draft)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_draft"), donate_argnames=("state",))
+def _run_jit(graphdef, params, state, *, num_draft):
+    model = nnx.merge(graphdef, params)
+    return jax.lax.while_loop(lambda s: ~jnp.all(s.done), lambda s: _step(model, s, num_draft), state)
+
+
+def new_state(model, batch: int, max_seq_len: int, *, num_draft: int = 0, max_stop_ids: int = 1) -> DecodeState:
+    """An empty decode state: every row done (a free slot) until a prompt is prefilled into it."""
+    cfg = model.config
+    speculative = num_draft > 0
+    if speculative and num_draft > cfg.num_mtp_heads:
+        raise ValueError(f"num_draft={num_draft} needs as many MTP heads; the model has {cfg.num_mtp_heads}")
+    zeros = jnp.zeros((batch,), jnp.int32)
+    return DecodeState(
+        tokens=jnp.zeros((batch, max_seq_len + num_draft + 1), jnp.int32), length=zeros, limit=zeros,
+        done=jnp.ones((batch,), bool), stopped=jnp.zeros((batch,), bool),
+        cache=kv_cache.init_cache(cfg, batch, max_seq_len, num_draft=num_draft, mtp=speculative),
+        hidden=jnp.zeros((batch, 3 * num_draft, cfg.hidden_size), cfg.dtype) if speculative else None,
+        rng=jax.vmap(jax.random.key)(zeros), temperature=jnp.zeros((batch,), jnp.float32), top_k=zeros,
+        top_p=jnp.ones((batch,), jnp.float32), stop_ids=jnp.full((batch, max_stop_ids), -1, jnp.int32),
+        steps=zeros, emitted=zeros, count_hist=jnp.zeros((batch, num_draft + 2), jnp.int32),
+    )
+
+
+def _check_speculative(model, speculative: bool, num_draft: int) -> int:
+    if not speculative:
+        return 0
+    if not model.config.num_mtp_heads:
+        raise ValueError("speculative decoding needs MTP heads; this model has none (model.num_mtp_heads=0)")
+    if not 1 <= num_draft <= model.config.num_mtp_heads:
+        raise ValueError(f"num_draft must be in 1..{model.config.num_mtp_heads} (the model's MTP heads), got {num_draft}")
+    return num_draft
+
+
+def _padded_prompts(prompt_ids, chunk: int, pad_id: int):
+    rows = [np.asarray(r, dtype=np.int64).reshape(-1) for r in prompt_ids]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("every prompt needs at least one token")
+    longest = max(len(r) for r in rows)
+    width = -(-longest // chunk) * chunk
+    out = np.full((len(rows), width), pad_id, np.int32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out, np.array([len(r) for r in rows], np.int32)
+
+
+def _chunk_size(prompt_len: int, chunk: int) -> int:
+    """The prefill chunk: the prompt rounded up to a power of two, at most `chunk` (few compiles)."""
+    return min(chunk, 1 << max(4, (prompt_len - 1).bit_length()))
+
+
+def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int = 0, stop_token_ids: Sequence[int] = (), speculative: bool = False,
+             num_draft: int = 3, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> GenerateResult:
+    """Generate up to `max_new_tokens` per prompt (a [B, P] array or a list of token lists).
+
+    `speculative=True` drafts `num_draft` tokens per step with the MTP heads and verifies them with
+    the main model: greedy output is identical to plain greedy decoding, and sampled output has the
+    main model's distribution. Row b samples with the key `fold_in(key(seed), b)`.
+    """
+    SamplingParams(temperature, top_k, top_p, seed)  # validates
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    num_draft = _check_speculative(model, speculative, num_draft)
+    pad_id = model.config.pad_token_id or 0
+    chunk = _chunk_size(max(len(np.asarray(r).reshape(-1)) for r in prompt_ids), prefill_chunk)
+    prompt_BP, prompt_len_B = _padded_prompts(prompt_ids, chunk, pad_id)
+    if max_new_tokens == 0:
+        return GenerateResult(prompt_BP[:, : prompt_len_B.max()], prompt_len_B, None, None)
+    b = prompt_BP.shape[0]
+    max_seq_len = int(prompt_BP.shape[1] + max_new_tokens)
+    stops = np.asarray(list(stop_token_ids) or [-1], np.int32)
+    state = new_state(model, b, max_seq_len, num_draft=num_draft, max_stop_ids=len(stops)).replace(
+        limit=jnp.asarray(prompt_len_B + max_new_tokens), done=jnp.zeros((b,), bool),
+        rng=jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(b)),
+        temperature=jnp.full((b,), temperature, jnp.float32), top_k=jnp.full((b,), top_k, jnp.int32),
+        top_p=jnp.full((b,), top_p, jnp.float32), stop_ids=jnp.broadcast_to(jnp.asarray(stops), (b, len(stops))),
+    )
+    graphdef, params = nnx.split(model)
+    state = _prefill_jit(graphdef, params, state, jnp.asarray(prompt_BP), jnp.asarray(prompt_len_B), chunk=chunk)
+    state = _run_jit(graphdef, params, state, num_draft=num_draft)
+    return _result(state, pad_id, num_draft)
+
+
+def _result(state: DecodeState, pad_id: int, num_draft: int) -> GenerateResult:
+    lengths = np.asarray(state.length)
+    tokens = np.asarray(state.tokens)[:, : lengths.max()]
+    tokens = np.where(np.arange(tokens.shape[1]) < lengths[:, None], tokens, pad_id)
+    if not num_draft:
+        return GenerateResult(tokens, lengths, None, None)
+    steps, emitted = np.asarray(state.steps), np.asarray(state.emitted)
+    return GenerateResult(tokens, lengths, float(emitted.sum() / max(steps.sum(), 1)),
+                          np.asarray(state.count_hist).sum(0))
