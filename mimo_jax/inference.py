@@ -191,8 +191,9 @@ def prefill(model, state: DecodeState, prompt_BP, prompt_len_B, chunk: int) -> D
             _, cache = model.mtp_heads(out.hidden, ids_KBT, positions_BT, cache=cache, valid_BT=valid_BT)
     rng, key = _split(state.rng)
     probs = processed_probs(model.logits(last_BD[:, None])[:, 0], state.temperature, state.top_k, state.top_p)
+    width = min(p, state.tokens.shape[1])  # the last chunk's padding may run past the buffer
     state = state.replace(cache=cache, hidden=hidden, rng=rng, length=prompt_len_B.astype(jnp.int32),
-                          tokens=state.tokens.at[:, :p].set(prompt_BP))
+                          tokens=state.tokens.at[:, :width].set(prompt_BP[:, :width]))
     state = _emit(state, _sample(key, probs)[:, None], jnp.ones((b,), jnp.int32))
     return state.replace(steps=jnp.zeros_like(state.steps), emitted=jnp.zeros_like(state.emitted),
                          count_hist=jnp.zeros_like(state.count_hist))
@@ -268,15 +269,17 @@ def new_state(model, batch: int, max_seq_len: int, *, num_draft: int = 0, max_st
     speculative = num_draft > 0
     if speculative and num_draft > cfg.num_mtp_heads:
         raise ValueError(f"num_draft={num_draft} needs as many MTP heads; the model has {cfg.num_mtp_heads}")
-    zeros = jnp.zeros((batch,), jnp.int32)
+    def zeros():  # separate buffers: the state is donated, and XLA refuses one buffer donated twice
+        return jnp.zeros((batch,), jnp.int32)
+
     return DecodeState(
-        tokens=jnp.zeros((batch, max_seq_len + num_draft + 1), jnp.int32), length=zeros, limit=zeros,
+        tokens=jnp.zeros((batch, max_seq_len + num_draft + 1), jnp.int32), length=zeros(), limit=zeros(),
         done=jnp.ones((batch,), bool), stopped=jnp.zeros((batch,), bool),
         cache=kv_cache.init_cache(cfg, batch, max_seq_len, num_draft=num_draft, mtp=speculative),
         hidden=jnp.zeros((batch, 3 * num_draft, cfg.hidden_size), cfg.dtype) if speculative else None,
-        rng=jax.vmap(jax.random.key)(zeros), temperature=jnp.zeros((batch,), jnp.float32), top_k=zeros,
+        rng=jax.vmap(jax.random.key)(zeros()), temperature=jnp.zeros((batch,), jnp.float32), top_k=zeros(),
         top_p=jnp.ones((batch,), jnp.float32), stop_ids=jnp.full((batch, max_stop_ids), -1, jnp.int32),
-        steps=zeros, emitted=zeros, count_hist=jnp.zeros((batch, num_draft + 2), jnp.int32),
+        steps=zeros(), emitted=zeros(), count_hist=jnp.zeros((batch, num_draft + 2), jnp.int32),
     )
 
 
@@ -349,3 +352,135 @@ def _result(state: DecodeState, pad_id: int, num_draft: int) -> GenerateResult:
     steps, emitted = np.asarray(state.steps), np.asarray(state.emitted)
     return GenerateResult(tokens, lengths, float(emitted.sum() / max(steps.sum(), 1)),
                           np.asarray(state.count_hist).sum(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Continuous batching over fixed slots (what serve.py drives)
+
+
+@dataclasses.dataclass
+class SlotUpdate:
+    new_tokens: list[int]  # emitted since the last update (the first one after insert has the prefill's token)
+    finished: bool  # stop token or max_new_tokens reached; the slot stays taken until release()
+    finish_reason: str | None  # "stop" | "length" | None
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def _set_row(state: DecodeState, row: DecodeState, slot):
+    """Copy a one-row state into row `slot` (cache leaves carry their batch axis after the stack dims)."""
+
+    def put(axis):
+        return lambda big, one: jax.lax.dynamic_update_slice_in_dim(big, one.astype(big.dtype), slot, axis)
+
+    cache = state.cache.replace(
+        layers=jax.tree.map(put(2), state.cache.layers, row.cache.layers),
+        mtp=None if state.cache.mtp is None else jax.tree.map(put(1), state.cache.mtp, row.cache.mtp),
+        ring_positions=put(0)(state.cache.ring_positions, row.cache.ring_positions),
+        mtp_positions=None if state.cache.mtp is None else put(0)(state.cache.mtp_positions, row.cache.mtp_positions),
+    )
+    fields = {f.name: jax.tree.map(put(0), getattr(state, f.name), getattr(row, f.name))
+              for f in dataclasses.fields(state) if f.name != "cache"}
+    return state.replace(cache=cache, **fields)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_draft"), donate_argnames=("state",))
+def _engine_step_jit(graphdef, params, state, *, num_draft):
+    """One step, plus what the host needs: the tokens after each row's old length."""
+    start_B = state.length
+    state = _step(nnx.merge(graphdef, params), state, num_draft)
+    window_BN = _take(state.tokens, start_B[:, None] + jnp.arange(num_draft + 1))
+    return state, window_BN, state.length, state.done, state.stopped
+
+
+class SlotEngine:
+    """Continuous batching over `num_slots` fixed rows: prompts are prefilled into free slots while
+    the others keep decoding; every `step()` advances all of them in one jitted call.
+
+    Not thread-safe: drive it from one thread (serve.py's scheduler does).
+    """
+
+    def __init__(self, model, *, num_slots: int = 8, max_seq_len: int | None = None, speculative: bool | None = None,
+                 num_draft: int = 3, max_stop_ids: int = 8, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+        cfg = model.config
+        self.speculative = bool(cfg.num_mtp_heads) if speculative is None else speculative
+        self.num_draft = _check_speculative(model, self.speculative, min(num_draft, max(cfg.num_mtp_heads, 1)))
+        self.num_slots = num_slots
+        self.max_seq_len = max_seq_len or min(cfg.max_position_embeddings, 8192)
+        self.max_stop_ids = max_stop_ids
+        self.prefill_chunk = prefill_chunk
+        self.pad_id = cfg.pad_token_id or 0
+        self._model = model
+        self._graphdef, self._params = nnx.split(model)
+        self._state = new_state(model, num_slots, self.max_seq_len, num_draft=self.num_draft, max_stop_ids=max_stop_ids)
+        self._busy: set[int] = set()
+        self._finished: set[int] = set()  # busy slots whose last update said finished
+        self._length = np.zeros(num_slots, np.int64)  # host copy, as of the last update
+        self._pending: dict[int, SlotUpdate] = {}  # the prefill's token, reported by the next step()
+
+    def free_slots(self) -> list[int]:
+        return [s for s in range(self.num_slots) if s not in self._busy]
+
+    def insert(self, slot: int, prompt_ids, *, max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
+               stop_token_ids=()) -> None:
+        """Prefill `prompt_ids` into a free slot; its first token comes with the next `step()`."""
+        prompt = [int(t) for t in prompt_ids]
+        if not 0 <= slot < self.num_slots or slot in self._busy:
+            raise ValueError(f"slot {slot} is not free (free: {self.free_slots()})")
+        if not prompt:
+            raise ValueError("the prompt needs at least one token")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if len(prompt) + max_new_tokens > self.max_seq_len:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"context of {self.max_seq_len} tokens")
+        vocab = self._model.config.vocab_size
+        if not all(0 <= t < vocab for t in prompt):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        stops = list(dict.fromkeys(int(t) for t in stop_token_ids))
+        if len(stops) > self.max_stop_ids:
+            raise ValueError(f"at most {self.max_stop_ids} stop token ids, got {len(stops)}")
+        chunk = _chunk_size(len(prompt), self.prefill_chunk)
+        prompt_BP, prompt_len_B = _padded_prompts([prompt], chunk, self.pad_id)
+        row = new_state(self._model, 1, self.max_seq_len, num_draft=self.num_draft, max_stop_ids=self.max_stop_ids)
+        row = row.replace(
+            limit=jnp.asarray([len(prompt) + max_new_tokens], jnp.int32), done=jnp.zeros((1,), bool),
+            rng=jax.random.key(sampling.seed)[None], temperature=jnp.asarray([sampling.temperature], jnp.float32),
+            top_k=jnp.asarray([sampling.top_k], jnp.int32), top_p=jnp.asarray([sampling.top_p], jnp.float32),
+            stop_ids=jnp.asarray([stops + [-1] * (self.max_stop_ids - len(stops))], jnp.int32),
+        )
+        row = _prefill_jit(self._graphdef, self._params, row, jnp.asarray(prompt_BP), jnp.asarray(prompt_len_B),
+                           chunk=chunk)
+        first, done, stopped = int(row.tokens[0, len(prompt)]), bool(row.done[0]), bool(row.stopped[0])
+        self._state = _set_row(self._state, row, jnp.int32(slot))
+        self._busy.add(slot)
+        self._length[slot] = len(prompt) + 1
+        self._pending[slot] = SlotUpdate([first], done, ("stop" if stopped else "length") if done else None)
+        if done:
+            self._finished.add(slot)
+
+    def step(self) -> dict[int, SlotUpdate]:
+        """Advance every unfinished slot by one (plain or speculative) step."""
+        updates = dict(self._pending)
+        self._pending.clear()
+        if not self._busy - self._finished:
+            return updates
+        self._state, window, length, done, stopped = _engine_step_jit(
+            self._graphdef, self._params, self._state, num_draft=self.num_draft)
+        window, length, done, stopped = (np.asarray(x) for x in (window, length, done, stopped))
+        for s in sorted(self._busy - self._finished):
+            pending = updates.get(s)
+            tokens = (pending.new_tokens if pending else []) + window[s, : length[s] - self._length[s]].tolist()
+            self._length[s] = length[s]
+            if tokens or done[s]:
+                updates[s] = SlotUpdate(tokens, bool(done[s]), ("stop" if stopped[s] else "length") if done[s] else None)
+            if done[s]:
+                self._finished.add(s)
+        return updates
+
+    def release(self, slot: int) -> None:
+        """Free a slot, finished or not (a cancelled request)."""
+        if slot in self._busy:
+            self._state = self._state.replace(done=self._state.done.at[slot].set(True))
+            self._busy.discard(slot)
+            self._finished.discard(slot)
+            self._pending.pop(slot, None)

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from mimo_jax import MiMoV2Flash, generate, kv_cache, load_config, load_hf
-from mimo_jax.inference import processed_probs, speculative_accept
+from mimo_jax.inference import SamplingParams, SlotEngine, processed_probs, speculative_accept
 from tests.conftest import GOLDEN_DIR
 
 
@@ -173,3 +173,46 @@ def test_processed_probs_top_k_top_p():
     np.testing.assert_allclose(probs[1], np.array([0.5, 0.2, 0.15, 0, 0]) / 0.85, atol=1e-6)  # top-p 0.8
     np.testing.assert_allclose(probs[2], [1, 0, 0, 0, 0], atol=1e-6)  # top-p 0.5 keeps the first
     np.testing.assert_allclose(probs[3], [1, 0, 0, 0, 0])  # greedy
+
+
+def test_slot_engine_continuous_batching_matches_generate(small_overrides):
+    """Requests join and leave while others decode; each one's output equals `generate` alone."""
+    model = _coin_flip_model(small_overrides)
+    requests = {"a": ([1, 2, 3], 9), "b": ([4], 14), "c": ([5, 5, 1, 2, 3, 4], 6), "d": ([2, 3], 11)}
+    for speculative in (False, True):
+        engine = SlotEngine(model, num_slots=2, max_seq_len=32, speculative=speculative)
+        alone = generate(model, [p for p, _ in requests.values()], 14, speculative=speculative).tokens
+        want = {k: alone[i, len(p): len(p) + n].tolist() for i, (k, (p, n)) in enumerate(requests.items())}
+        queue, slots, got, finished = list(requests), {}, {k: [] for k in requests}, set()
+        while len(finished) < len(requests):
+            while queue and engine.free_slots():
+                key, slot = queue.pop(0), engine.free_slots()[0]
+                engine.insert(slot, requests[key][0], max_new_tokens=requests[key][1], sampling=SamplingParams())
+                slots[slot] = key
+            for slot, update in engine.step().items():
+                got[slots[slot]] += update.new_tokens
+                if update.finished:
+                    assert update.finish_reason == "length"
+                    finished.add(slots[slot])
+                    engine.release(slot)
+        assert got == want
+    with pytest.raises(ValueError, match="exceeds the context"):
+        engine.insert(0, [1] * 30, max_new_tokens=5)
+    with pytest.raises(ValueError, match="not free"):
+        engine.insert(0, [1], max_new_tokens=2)
+        engine.insert(0, [1], max_new_tokens=2)
+
+
+def test_slot_engine_stop_token_and_cancel(small_overrides):
+    model = _model(small_overrides)
+    free = generate(model, [[5, 6, 7]], 8).tokens[0, 3:].tolist()
+    engine = SlotEngine(model, num_slots=3, max_seq_len=24, speculative=False)
+    engine.insert(0, [5, 6, 7], max_new_tokens=8, sampling=SamplingParams(), stop_token_ids=[free[2]])
+    engine.insert(2, [5, 6, 7], max_new_tokens=8, sampling=SamplingParams())
+    engine.release(2)  # cancelled before it ran: slot 0 is unaffected
+    out, update = [], None
+    while update is None or not update.finished:
+        update = engine.step()[0]
+        out += update.new_tokens
+    assert out == free[: free.index(free[2]) + 1] and update.finish_reason == "stop"
+    assert engine.step() == {} and sorted(engine.free_slots()) == [1, 2]
