@@ -209,33 +209,37 @@ def decode_step(model, state: DecodeState) -> DecodeState:
     return _emit(state, _sample(key, probs)[:, None], jnp.ones_like(state.length))
 
 
-def speculative_step(model, state: DecodeState, num_draft: int) -> DecodeState:
-    """Draft `num_draft` tokens with the MTP heads, verify them in one main-model step, accept."""
+def draft(model, state: DecodeState, num_draft: int) -> DecodeState:
+    """Write `num_draft` MTP drafts after each row's verified tokens (scratch positions), updating
+    the heads' caches. Every head first rewrites positions p - 2D + 1 .. p (module docstring)."""
     d = num_draft
-    b = state.length.shape[0]
     p_B = state.length - 2
-    # Draft: every head rewrites positions p - 2D + 1 .. p of its cache (see the module docstring).
     positions_BT = p_B[:, None] + jnp.arange(-2 * d + 1, 1)
     valid_BT = positions_BT >= 0
     h_BTD = jnp.take_along_axis(state.hidden, (positions_BT % state.hidden.shape[1])[..., None], axis=1)
     cache, tokens = state.cache, state.tokens
-    rows = jnp.arange(b)
+    rows = jnp.arange(tokens.shape[0])
     mtp_step = cache.mtp_step(positions_BT, valid_BT)
     for k in range(d):
         out_BTD, cache = model.mtp_heads(h_BTD, _take(tokens, positions_BT + k + 1), positions_BT, cache=cache,
                                          valid_BT=valid_BT, head=k)
         draft_B = jnp.argmax(model.logits(out_BTD[:, -1:])[:, 0], axis=-1).astype(jnp.int32)
         tokens = tokens.at[rows, state.length + k].set(draft_B, mode="drop")
-    cache = cache.advance(mtp_step, positions_BT, mtp=True)
+    return state.replace(tokens=tokens, cache=cache.advance(mtp_step, positions_BT, mtp=True))
+
+
+def speculative_step(model, state: DecodeState, num_draft: int) -> DecodeState:
+    """Draft `num_draft` tokens with the MTP heads, verify them in one main-model step, accept."""
+    state = draft(model, state, num_draft)
     # Verify the last verified token and the drafts.
-    verify_BN = state.length[:, None] - 1 + jnp.arange(d + 1)
-    out = model(_take(tokens, verify_BN), positions_BT=verify_BN, cache=cache)
+    verify_BN = state.length[:, None] - 1 + jnp.arange(num_draft + 1)
+    out = model(_take(state.tokens, verify_BN), positions_BT=verify_BN, cache=state.cache)
     hidden = _write_hidden(state.hidden, verify_BN, jnp.ones_like(verify_BN, bool), out.hidden)
     probs_BNV = jax.vmap(processed_probs, in_axes=(1, None, None, None), out_axes=1)(
         out.logits, state.temperature, state.top_k, state.top_p)
     rng, key = _split(state.rng)
-    proposed_BN, count_B = speculative_accept(probs_BNV, _take(tokens, verify_BN[:, 1:]), key)
-    state = state.replace(tokens=tokens, cache=out.cache, hidden=hidden, rng=rng)
+    proposed_BN, count_B = speculative_accept(probs_BNV, _take(state.tokens, verify_BN[:, 1:]), key)
+    state = state.replace(cache=out.cache, hidden=hidden, rng=rng)
     return _emit(state, proposed_BN, count_B)
 
 

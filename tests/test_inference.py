@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mimo_jax import MiMoV2Flash, generate, kv_cache, load_config, load_hf
+from mimo_jax import MiMoV2Flash, generate, inference, kv_cache, load_config, load_hf
 from mimo_jax.inference import SamplingParams, SlotEngine, processed_probs, speculative_accept
 from tests.conftest import GOLDEN_DIR
 
@@ -122,12 +122,35 @@ def test_speculative_greedy_is_identical_to_plain_greedy(small_overrides):
     model = _coin_flip_model(small_overrides)
     prompts = [[1, 2, 3, 4, 5, 1, 2], [3], [4, 4, 5, 1]]
     plain = generate(model, prompts, 40)
-    for num_draft in (1, 3):
-        spec = generate(model, prompts, 40, speculative=True, num_draft=num_draft)
+    for num_draft, chunk in ((1, 512), (3, 4)):
+        spec = generate(model, prompts, 40, speculative=True, num_draft=num_draft, prefill_chunk=chunk)
         np.testing.assert_array_equal(spec.tokens, plain.tokens)
         assert spec.count_hist[1:].sum() > 0
         assert all(spec.count_hist[n] > 0 for n in range(1, num_draft + 2)), spec.count_hist
         assert 1.0 < spec.acceptance_length <= num_draft + 1
+
+
+def test_drafts_equal_the_uncached_mtp_heads(small_overrides):
+    """Mid-generation, draft k is head k's argmax at the last processed position p over the
+    verified tokens followed by the earlier drafts, as an uncached forward computes it."""
+    model = _coin_flip_model(small_overrides)
+    d, prompts = 3, [[1, 2, 3, 4, 5, 1, 2], [3, 5]]
+    prompt_BP, prompt_len_B = inference._padded_prompts(prompts, 8, 0)
+    state = inference.new_state(model, 2, 48, num_draft=d).replace(
+        limit=jnp.array([40, 40]), done=jnp.zeros((2,), bool))
+    state = inference.prefill(model, state, jnp.asarray(prompt_BP), jnp.asarray(prompt_len_B), 8)
+    step = nnx.jit(lambda m, s: inference.speculative_step(m, s, d))
+    draft = nnx.jit(lambda m, s: inference.draft(m, s, d))
+    full = nnx.jit(lambda m, ids: m(ids).mtp_logits)
+    for rounds in range(7):
+        drafted = draft(model, state)
+        for row in range(2):
+            n = int(state.length[row])
+            seq = np.zeros((1, 48), np.int32)
+            seq[0, : n + d] = np.asarray(drafted.tokens[row, : n + d])
+            want = np.argmax(np.asarray(full(model, jnp.asarray(seq)))[:, 0, n - 2], axis=-1)[:d]
+            assert seq[0, n: n + d].tolist() == want.tolist(), (rounds, row)
+        state = step(model, state)
 
 
 def test_speculative_accept_is_lossless():
