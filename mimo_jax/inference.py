@@ -55,6 +55,7 @@ class SamplingParams:
 @flax.struct.dataclass
 class DecodeState:
     tokens: jax.Array  # [B, S + D + 1] int32; verified up to length, scratch after
+    logprobs: jax.Array  # [B, S + D + 1] fp32: log-probability each emitted token was sampled with
     length: jax.Array  # [B] verified tokens
     limit: jax.Array  # [B] prompt length + max_new_tokens
     done: jax.Array  # [B] bool: stopped or at the limit (free engine slots are done too)
@@ -75,6 +76,8 @@ class DecodeState:
 class GenerateResult:
     tokens: np.ndarray  # [B, prompt + generated], padded after a stop / the row's end
     lengths: np.ndarray  # [B] prompt + generated tokens per row
+    logprobs: np.ndarray  # [B, like tokens]: log-prob of each generated token under the sampling
+    #                       distribution (after temperature / top-k / top-p; 0 for greedy, prompt, padding)
     acceptance_length: float | None  # mean tokens emitted per main-model step (speculative only)
     count_hist: np.ndarray | None  # [D + 2]: main-model steps by tokens produced (speculative only)
 
@@ -141,7 +144,11 @@ def speculative_accept(probs_BNV, drafts_BD, keys_B):
 # Steps (pure functions of the model and the state; jitted below)
 
 
-def _emit(state: DecodeState, proposed_BN, count_B) -> DecodeState:
+def _token_logprobs(probs_BNV, tokens_BN):
+    return jnp.log(jnp.take_along_axis(probs_BNV, tokens_BN[..., None], axis=-1)[..., 0])
+
+
+def _emit(state: DecodeState, proposed_BN, count_B, logprobs_BN) -> DecodeState:
     """Append the first `count` of `proposed` to each active row, cut at a stop token or the limit."""
     n = proposed_BN.shape[1]
     idx = jnp.arange(n)
@@ -152,10 +159,11 @@ def _emit(state: DecodeState, proposed_BN, count_B) -> DecodeState:
     rows = jnp.arange(proposed_BN.shape[0])[:, None]
     write_BN = jnp.where(idx < take_B[:, None], state.length[:, None] + idx, state.tokens.shape[1])
     tokens = state.tokens.at[rows, write_BN].set(proposed_BN, mode="drop")
+    logprobs = state.logprobs.at[rows, write_BN].set(logprobs_BN, mode="drop")
     length = state.length + take_B
     stopped = state.stopped | (~state.done & (first_stop_B < take_B))
     active_B = (~state.done).astype(jnp.int32)
-    return state.replace(tokens=tokens, length=length, stopped=stopped, done=state.done | stopped | (length >= state.limit),
+    return state.replace(tokens=tokens, logprobs=logprobs, length=length, stopped=stopped, done=state.done | stopped | (length >= state.limit),
                          steps=state.steps + active_B, emitted=state.emitted + take_B,
                          count_hist=state.count_hist.at[rows[:, 0], count_B].add(active_B))
 
@@ -194,7 +202,8 @@ def prefill(model, state: DecodeState, prompt_BP, prompt_len_B, chunk: int) -> D
     width = min(p, state.tokens.shape[1])  # the last chunk's padding may run past the buffer
     state = state.replace(cache=cache, hidden=hidden, rng=rng, length=prompt_len_B.astype(jnp.int32),
                           tokens=state.tokens.at[:, :width].set(prompt_BP[:, :width]))
-    state = _emit(state, _sample(key, probs)[:, None], jnp.ones((b,), jnp.int32))
+    token_B1 = _sample(key, probs)[:, None]
+    state = _emit(state, token_B1, jnp.ones((b,), jnp.int32), _token_logprobs(probs[:, None], token_B1))
     return state.replace(steps=jnp.zeros_like(state.steps), emitted=jnp.zeros_like(state.emitted),
                          count_hist=jnp.zeros_like(state.count_hist))
 
@@ -206,7 +215,8 @@ def decode_step(model, state: DecodeState) -> DecodeState:
     rng, key = _split(state.rng)
     probs = processed_probs(out.logits[:, 0], state.temperature, state.top_k, state.top_p)
     state = state.replace(cache=out.cache, rng=rng)
-    return _emit(state, _sample(key, probs)[:, None], jnp.ones_like(state.length))
+    token_B1 = _sample(key, probs)[:, None]
+    return _emit(state, token_B1, jnp.ones_like(state.length), _token_logprobs(probs[:, None], token_B1))
 
 
 def draft(model, state: DecodeState, num_draft: int) -> DecodeState:
@@ -240,7 +250,8 @@ def speculative_step(model, state: DecodeState, num_draft: int) -> DecodeState:
     rng, key = _split(state.rng)
     proposed_BN, count_B = speculative_accept(probs_BNV, _take(state.tokens, verify_BN[:, 1:]), key)
     state = state.replace(cache=out.cache, hidden=hidden, rng=rng)
-    return _emit(state, proposed_BN, count_B)
+    # Speculation is lossless: token i was emitted with the main model's probability at position i.
+    return _emit(state, proposed_BN, count_B, _token_logprobs(probs_BNV, proposed_BN))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,6 +289,7 @@ def new_state(model, batch: int, max_seq_len: int, *, num_draft: int = 0, max_st
 
     return DecodeState(
         tokens=jnp.zeros((batch, max_seq_len + num_draft + 1), jnp.int32), length=zeros(), limit=zeros(),
+        logprobs=jnp.zeros((batch, max_seq_len + num_draft + 1), jnp.float32),
         done=jnp.ones((batch,), bool), stopped=jnp.zeros((batch,), bool),
         cache=kv_cache.init_cache(cfg, batch, max_seq_len, num_draft=num_draft, mtp=speculative),
         hidden=jnp.zeros((batch, 3 * num_draft, cfg.hidden_size), cfg.dtype) if speculative else None,
@@ -331,7 +343,8 @@ def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0
     chunk = _chunk_size(max(len(np.asarray(r).reshape(-1)) for r in prompt_ids), prefill_chunk)
     prompt_BP, prompt_len_B = _padded_prompts(prompt_ids, chunk, pad_id)
     if max_new_tokens == 0:
-        return GenerateResult(prompt_BP[:, : prompt_len_B.max()], prompt_len_B, None, None)
+        tokens = prompt_BP[:, : prompt_len_B.max()]
+        return GenerateResult(tokens, prompt_len_B, np.zeros(tokens.shape, np.float32), None, None)
     b = prompt_BP.shape[0]
     max_seq_len = int(prompt_BP.shape[1] + max_new_tokens)
     stops = np.asarray(list(stop_token_ids) or [-1], np.int32)
@@ -350,11 +363,13 @@ def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0
 def _result(state: DecodeState, pad_id: int, num_draft: int) -> GenerateResult:
     lengths = np.asarray(state.length)
     tokens = np.asarray(state.tokens)[:, : lengths.max()]
-    tokens = np.where(np.arange(tokens.shape[1]) < lengths[:, None], tokens, pad_id)
+    inside = np.arange(tokens.shape[1]) < lengths[:, None]
+    tokens = np.where(inside, tokens, pad_id)
+    logprobs = np.where(inside, np.asarray(state.logprobs)[:, : tokens.shape[1]], 0.0)
     if not num_draft:
-        return GenerateResult(tokens, lengths, None, None)
+        return GenerateResult(tokens, lengths, logprobs, None, None)
     steps, emitted = np.asarray(state.steps), np.asarray(state.emitted)
-    return GenerateResult(tokens, lengths, float(emitted.sum() / max(steps.sum(), 1)),
+    return GenerateResult(tokens, lengths, logprobs, float(emitted.sum() / max(steps.sum(), 1)),
                           np.asarray(state.count_hist).sum(0))
 
 

@@ -181,7 +181,10 @@ def test_speculative_sampling_has_the_main_models_distribution(small_overrides):
     p2 = p1 @ p2_given
     for speculative in (False, True):
         rows = [prompt] * n
-        out = generate(model, rows, 3, temperature=temperature, seed=7, speculative=speculative).tokens
+        result = generate(model, rows, 3, temperature=temperature, seed=7, speculative=speculative)
+        out = result.tokens
+        # the reported log-probs are the sampling distribution's (the first token's is exact here)
+        np.testing.assert_allclose(result.logprobs[:, 4], np.log(p1[out[:, 4]]), rtol=1e-4, atol=1e-5)
         for got, want in ((out[:, 4], p1), (out[:, 5], p2)):
             freq = np.bincount(got, minlength=6) / n
             chi2 = n * np.sum((freq - want) ** 2 / want)
