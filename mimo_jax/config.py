@@ -282,7 +282,9 @@ class TrainConfig:
     balance_weight: float = 1e-5
     bias_update_rate: float = 1e-3
     z_loss_weight: float = 0.0
-    mode: str = "lm"  # lm | mtp_distill (freeze the main model, fit the MTP heads to its distribution)
+    # lm | mtp_distill (freeze the main model, fit the MTP heads to its distribution) | mopd (the
+    # `mopd:` section: on-policy distillation from per-domain teachers)
+    mode: str = "lm"
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 8
@@ -292,11 +294,51 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_choices("train.decay", (self.decay,), ("cosine", "constant"))
-        _check_choices("train.mode", (self.mode,), ("lm", "mtp_distill"))
+        _check_choices("train.mode", (self.mode,), ("lm", "mtp_distill", "mopd"))
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2 or self.grad_accum_steps < 1:
             raise ConfigError("train.steps, batch_size, grad_accum_steps must be >= 1 and seq_len >= 2")
         if self.batch_size % self.grad_accum_steps:
             raise ConfigError(f"train.batch_size={self.batch_size} must divide by grad_accum_steps={self.grad_accum_steps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MOPDConfig:
+    """Multi-teacher on-policy distillation (`train.mode=mopd`, paper section 4.4).
+
+    Each step samples `prompts_per_step` prompts, `rollouts_per_prompt` student rollouts each; the
+    teacher of each prompt's domain scores every token in one forward; the student follows the
+    token advantage log pi_teacher - log pi_student (+ outcome_weight x a GRPO-normalised outcome
+    reward), with importance weights pi_student / mu_sampler kept only inside [eps_low, eps_high].
+    """
+
+    prompts: str = ""  # JSONL: {"prompt": str, "domain": str, "answer": str (for rewards / accuracy)}
+    eval_prompts: str = ""  # JSONL like `prompts`: per-domain greedy accuracy at each eval
+    teachers: tuple[str, ...] = ()  # "domain=path": a train.py workdir or a HF checkpoint directory
+    rewards: tuple[str, ...] = ()  # "domain=fn": a name in mimo_jax.mopd.REWARDS or "module:function"
+    prompts_per_step: int = 8
+    rollouts_per_prompt: int = 4
+    max_new_tokens: int = 32
+    temperature: float = 1.0  # of the rollouts (1.0 keeps the sampler on the training policy)
+    eps_low: float = 0.5
+    eps_high: float = 2.0
+    outcome_weight: float = 0.0  # alpha; needs a reward for every domain
+    eval_max_prompts: int = 200  # per domain
+
+    def __post_init__(self):
+        for name in ("teachers", "rewards"):
+            for entry in getattr(self, name):
+                if not isinstance(entry, str) or "=" not in entry or not entry.split("=", 1)[0]:
+                    raise ConfigError(f"mopd.{name}: expected \"domain=value\" entries, got {entry!r}")
+        if self.prompts_per_step < 1 or self.rollouts_per_prompt < 1 or self.max_new_tokens < 1:
+            raise ConfigError("mopd.prompts_per_step, rollouts_per_prompt and max_new_tokens must be >= 1")
+        if not 0 <= self.eps_low <= 1 <= self.eps_high:
+            raise ConfigError(f"mopd: need 0 <= eps_low <= 1 <= eps_high, got {self.eps_low}, {self.eps_high}")
+        if self.temperature <= 0:
+            raise ConfigError(f"mopd.temperature must be > 0, got {self.temperature}")
+
+    def mapping(self, name: str) -> dict[str, str]:
+        """`teachers` or `rewards` as {domain: value}."""
+        return dict(entry.split("=", 1) for entry in getattr(self, name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,6 +351,7 @@ class Config:
     distributed: DistributedConfig = DistributedConfig()
     data: DataConfig = dataclasses.field(default_factory=lambda: _data_config_class()())
     train: TrainConfig = TrainConfig()
+    mopd: MOPDConfig = MOPDConfig()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,18 +58,32 @@ def make_optimizer(train: TrainConfig, params) -> optax.GradientTransformation:
     return tx
 
 
-def train_step_fn(graphdef, tx: optax.GradientTransformation, train: TrainConfig = TrainConfig()):
-    """step(params, opt_state, rest, input_ids, segment_ids) -> (params, opt_state, metrics).
+def extra_inputs(train: TrainConfig) -> int:
+    """How many [B, T] arrays a step takes after input_ids and segment_ids (mopd.MOPD_INPUTS)."""
+    if train.mode == "mopd":
+        from mimo_jax.mopd import MOPD_INPUTS
 
-    With grad_accum_steps > 1 the batch is split into that many micro-batches whose gradients are
-    averaged before one optimizer update. metrics["router"] holds the router loads for
-    `router_bias_step`.
+        return len(MOPD_INPUTS)
+    return 0
+
+
+def train_step_fn(graphdef, tx: optax.GradientTransformation, train: TrainConfig = TrainConfig(), mopd=None):
+    """step(params, opt_state, rest, input_ids, segment_ids, *extras) -> (params, opt_state, metrics).
+
+    `extras` are the per-token inputs of `train.mode=mopd` (`mopd.MOPD_INPUTS`, with `mopd` its
+    MOPDConfig). With grad_accum_steps > 1 the batch is split into that many micro-batches whose
+    gradients are averaged before one optimizer update. metrics["router"] holds the router loads
+    for `router_bias_step`.
     """
 
-    def loss_fn(params, rest, input_ids_BT, segment_ids_BT):
+    def loss_fn(params, rest, input_ids_BT, segment_ids_BT, *extras):
         out = nnx.merge(graphdef, params, rest)(input_ids_BT, segment_ids_BT)
         if train.mode == "mtp_distill":
             loss, metrics = mtp_distill_loss(out, input_ids_BT, segment_ids_BT)
+        elif train.mode == "mopd":
+            from mimo_jax.mopd import mopd_objective
+
+            loss, metrics = mopd_objective(out, input_ids_BT, *extras, mopd)
         else:
             loss, metrics = lm_loss(out, input_ids_BT, segment_ids_BT, train.mtp_weight, train.balance_weight,
                                     train.z_loss_weight)
@@ -77,9 +91,9 @@ def train_step_fn(graphdef, tx: optax.GradientTransformation, train: TrainConfig
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(params, opt_state, rest, input_ids_BT, segment_ids_BT):
+    def step(params, opt_state, rest, input_ids_BT, segment_ids_BT, *extras):
         if train.grad_accum_steps == 1:
-            (_, metrics), grads = grad_fn(params, rest, input_ids_BT, segment_ids_BT)
+            (_, metrics), grads = grad_fn(params, rest, input_ids_BT, segment_ids_BT, *extras)
         else:
             micro = train.grad_accum_steps
 
@@ -91,10 +105,13 @@ def train_step_fn(graphdef, tx: optax.GradientTransformation, train: TrainConfig
                 return jax.tree.map(jnp.add, total, grads), metrics
 
             zeros = jax.tree.map(jnp.zeros_like, params)
-            grads, metrics = jax.lax.scan(accumulate, zeros, (split(input_ids_BT), split(segment_ids_BT)))
+            batches = tuple(split(x) for x in (input_ids_BT, segment_ids_BT, *extras))
+            grads, metrics = jax.lax.scan(accumulate, zeros, batches)
             grads = jax.tree.map(lambda g: g / micro, grads)
             router = jax.tree.map(lambda x: x.mean(0), metrics.pop("router"))
-            metrics = {**jax.tree.map(lambda x: x.mean(0), metrics), "router": router}
+            # Per-row metrics ("row_*", [micro, rows]) become [B]; the others are averaged.
+            metrics = {k: v.reshape(-1) if k.startswith("row_") else v.mean(0) for k, v in metrics.items()}
+            metrics["router"] = router
         updates, opt_state = tx.update(grads, opt_state, params)
         metrics["grad_norm"] = optax.tree.norm(grads)
         return optax.apply_updates(params, updates), opt_state, metrics
@@ -116,7 +133,7 @@ def router_bias_step(graphdef, params, rest, router_loads: dict, rate: float):
 
 
 def sharded_train_step(graphdef, params, rest, tx, mesh: Mesh, rules: ShardingRules, batch_shape,
-                       train: TrainConfig = TrainConfig()):
+                       train: TrainConfig = TrainConfig(), mopd=None):
     """(jitted step, shardings dict) for `params`/`rest` (arrays or abstract) on `mesh`.
 
     The shardings dict has "params", "opt_state", "rest" and "batch" for device_put / restore.
@@ -127,7 +144,7 @@ def sharded_train_step(graphdef, params, rest, tx, mesh: Mesh, rules: ShardingRu
         "batch": NamedSharding(mesh, sharding.logical_spec(("batch", "seq"), rules, mesh, batch_shape)),
     }
     shardings["opt_state"] = sharding.optimizer_shardings(tx, jax.eval_shape(tx.init, params), shardings["params"], mesh)
-    step = train_step_fn(graphdef, tx, train)
+    step = train_step_fn(graphdef, tx, train, mopd)
 
     def traced(*args):
         with sharding.activate(mesh, rules):
@@ -135,8 +152,8 @@ def sharded_train_step(graphdef, params, rest, tx, mesh: Mesh, rules: ShardingRu
 
     jitted = jax.jit(
         traced,
-        in_shardings=(shardings["params"], shardings["opt_state"], shardings["rest"], shardings["batch"],
-                      shardings["batch"]),
+        in_shardings=(shardings["params"], shardings["opt_state"], shardings["rest"],
+                      *(shardings["batch"],) * (2 + extra_inputs(train))),
         out_shardings=(shardings["params"], shardings["opt_state"], None),
         donate_argnums=(0, 1),
     )

@@ -59,20 +59,21 @@ def _checkpoint_manager(workdir: str, keep: int):
 
 
 def _save(manager, step: int, state: dict, data_iter, cfg: Config):
+    """`data_iter` None: a loop whose data position is the step itself (MOPD)."""
     import grain
     import orbax.checkpoint as ocp
 
+    data = {} if data_iter is None else {"data": grain.checkpoint.CheckpointSave(data_iter)}
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               data=grain.checkpoint.CheckpointSave(data_iter),
-                                               config=ocp.args.JsonSave(to_dict(cfg))))
+                                               config=ocp.args.JsonSave(to_dict(cfg)), **data))
 
 
 def _restore(manager, step: int, target: dict, data_iter) -> dict:
     import grain
     import orbax.checkpoint as ocp
 
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                             data=grain.checkpoint.CheckpointRestore(data_iter)))
+    data = {} if data_iter is None else {"data": grain.checkpoint.CheckpointRestore(data_iter)}
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), **data))
     return restored["state"]
 
 
@@ -287,7 +288,12 @@ def main(argv=None):
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         parser.error(str(e))
-    train(cfg, args.workdir, log=lambda msg: distributed.log(msg))
+    if cfg.train.mode == "mopd":
+        from mimo_jax.mopd import train_mopd
+
+        train_mopd(cfg, args.workdir, log=lambda msg: distributed.log(msg))
+    else:
+        train(cfg, args.workdir, log=lambda msg: distributed.log(msg))
     return 0
 
 

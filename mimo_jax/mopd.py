@@ -1,0 +1,399 @@
+"""Multi-teacher on-policy distillation (MOPD, paper section 4.4): `train.py ... train.mode=mopd`.
+
+One step:
+1. Sample prompts (each has a domain) and `rollouts_per_prompt` student rollouts per prompt with
+   `inference.generate` (the decode path), keeping the sampler's log-probs mu(y_t).
+2. The teacher of each prompt's domain scores every rollout token in one forward (a prefill).
+3. The student's training forward (the same `model(...)` call) gives log pi(y_t), and
+
+       A_t  = sg[log pi_teacher(y_t) - log pi(y_t)] + alpha * A_outcome     (A_outcome: GRPO-normalised)
+       w_t  = sg[pi(y_t) / mu(y_t)] if eps_low <= pi/mu <= eps_high else 0
+       loss = -mean over rollouts of (1/|y|) sum_t w_t A_t log pi(y_t)          (paper eq. 7-9)
+
+Its gradient is the reverse-KL policy gradient -E[log(pi_T / pi) grad log pi] (eq. 6), importance
+weighted. Per-domain metrics: reverse KL to the teacher (per token, on the student's samples), the
+student/teacher argmax agreement, the outcome reward, the masked-token fraction, rollout length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from flax import nnx
+
+from mimo_jax import distributed, sharding
+from mimo_jax.config import Config, ConfigError, MOPDConfig, to_dict
+
+# The per-token arrays a MOPD train step takes after input_ids and segment_ids, in this order.
+MOPD_INPUTS = ("completion_mask", "sample_logprobs", "teacher_logprobs", "teacher_argmax", "outcome_advantage")
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts and rewards
+
+
+def load_prompts(path: str) -> list[dict]:
+    """JSONL records with "prompt" and "domain" (strings) and an optional "answer"."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"mopd prompts {path}: no such file")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{line_no}: not JSON ({e})") from None
+            if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("prompt", "domain")):
+                raise ConfigError(f"{path}:{line_no}: needs string fields \"prompt\" and \"domain\"")
+            if not isinstance(record.get("answer", ""), str):
+                raise ConfigError(f"{path}:{line_no}: \"answer\" must be a string")
+            records.append(record)
+    if not records:
+        raise ConfigError(f"{path}: no prompts")
+    return records
+
+
+def exact_match(prompt: str, completion: str, answer: str) -> float:
+    """1.0 when the completion (up to its first newline, stripped) is the answer."""
+    del prompt
+    return float(completion.split("\n", 1)[0].strip() == answer.strip())
+
+
+REWARDS: dict[str, Callable[[str, str, str], float]] = {"exact_match": exact_match}
+
+
+def resolve_reward(spec: str) -> Callable[[str, str, str], float]:
+    """A name in REWARDS or "module:function" taking (prompt, completion, answer) -> float."""
+    if spec in REWARDS:
+        return REWARDS[spec]
+    module, _, name = spec.partition(":")
+    if not name:
+        raise ConfigError(f"mopd.rewards: {spec!r} is neither one of {sorted(REWARDS)} nor \"module:function\"")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"mopd.rewards: cannot load {spec!r} ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The objective (pure functions; tests/test_mopd.py checks them against numpy)
+
+
+def token_logprobs(logits_BTV, ids_BT):
+    """[B, T]: log p(ids[t] | < t) from the logits of position t - 1 (0 at t = 0), and the argmax
+    of position t - 1 (-1 at t = 0)."""
+    logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp_BTV[:, :-1], ids_BT[:, 1:, None], axis=-1)[..., 0]
+    argmax = jnp.argmax(logits_BTV[:, :-1], axis=-1).astype(jnp.int32)
+    b = ids_BT.shape[0]
+    return (jnp.concatenate([jnp.zeros((b, 1), jnp.float32), picked], axis=1),
+            jnp.concatenate([jnp.full((b, 1), -1, jnp.int32), argmax], axis=1))
+
+
+def importance_weights(student_logp_BT, sample_logp_BT, eps_low: float, eps_high: float):
+    """(w, kept): w = pi/mu where eps_low <= pi/mu <= eps_high, else 0 (no gradient through w)."""
+    ratio = jnp.exp(jax.lax.stop_gradient(student_logp_BT) - sample_logp_BT)
+    kept = (ratio >= eps_low) & (ratio <= eps_high)
+    return jnp.where(kept, ratio, 0.0), kept
+
+
+def group_advantages(rewards_R, group_size: int, eps: float = 1e-6):
+    """GRPO: each reward minus its group's mean, over the group's standard deviation (rows come
+    in groups of `group_size` rollouts of one prompt)."""
+    r = np.asarray(rewards_R, np.float64).reshape(-1, group_size)
+    return ((r - r.mean(1, keepdims=True)) / (r.std(1, keepdims=True) + eps)).reshape(-1).astype(np.float32)
+
+
+def mopd_loss(student_logp_BT, completion_mask_BT, sample_logp_BT, teacher_logp_BT, outcome_advantage_BT,
+              cfg: MOPDConfig):
+    """(loss, per-row metrics) of eq. 7-9; rows without completion tokens do not count."""
+    mask = completion_mask_BT.astype(jnp.float32)
+    w, kept = importance_weights(student_logp_BT, sample_logp_BT, cfg.eps_low, cfg.eps_high)
+    advantage = jax.lax.stop_gradient(teacher_logp_BT - student_logp_BT) + cfg.outcome_weight * outcome_advantage_BT
+    tokens_B = mask.sum(1)
+    per_row = -(w * advantage * student_logp_BT * mask).sum(1) / jnp.maximum(tokens_B, 1.0)
+    rows = (tokens_B > 0).astype(jnp.float32)
+    loss = (per_row * rows).sum() / jnp.maximum(rows.sum(), 1.0)
+    metrics = {
+        "row_tokens": tokens_B,
+        "row_reverse_kl": jax.lax.stop_gradient((student_logp_BT - teacher_logp_BT) * mask).sum(1),
+        "row_masked": ((~kept) * mask).sum(1),
+    }
+    return loss, metrics
+
+
+def mopd_objective(out, input_ids_BT, completion_mask_BT, sample_logp_BT, teacher_logp_BT, teacher_argmax_BT,
+                   outcome_advantage_BT, cfg: MOPDConfig):
+    """The train step's loss in mopd mode (see train_step.train_step_fn), from the model output."""
+    student_logp_BT, student_argmax_BT = token_logprobs(out.logits, input_ids_BT)
+    loss, metrics = mopd_loss(student_logp_BT, completion_mask_BT, sample_logp_BT, teacher_logp_BT,
+                              outcome_advantage_BT, cfg)
+    agree = (student_argmax_BT == teacher_argmax_BT) & (completion_mask_BT > 0)
+    return loss, {**metrics, "mopd_loss": loss, "row_agree": agree.sum(1).astype(jnp.float32)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollouts and teacher scores
+
+
+def rollout_batch(model, tokenizer, records: Sequence[dict], cfg: MOPDConfig, seq_len: int, seed: int) -> dict:
+    """Student rollouts for `records` (each repeated rollouts_per_prompt times) as [R, seq_len] arrays."""
+    from mimo_jax.inference import generate
+
+    prompts = [tokenizer.encode(r["prompt"]) for r in records for _ in range(cfg.rollouts_per_prompt)]
+    longest = max(len(p) for p in prompts)
+    if longest + cfg.max_new_tokens > seq_len:
+        raise ConfigError(f"a prompt of {longest} tokens + mopd.max_new_tokens={cfg.max_new_tokens} exceeds "
+                          f"train.seq_len={seq_len}")
+    result = generate(model, prompts, cfg.max_new_tokens, temperature=cfg.temperature, seed=seed,
+                      stop_token_ids=(tokenizer.eos_id,))
+    rows, width = len(prompts), result.tokens.shape[1]
+    ids = np.full((rows, seq_len), tokenizer.pad_id, np.int32)
+    ids[:, :width] = result.tokens
+    positions = np.arange(seq_len)
+    prompt_len = np.array([len(p) for p in prompts])[:, None]
+    length = result.lengths[:, None]
+    sample_logp = np.zeros((rows, seq_len), np.float32)
+    sample_logp[:, :width] = result.logprobs
+    completions = [tokenizer.decode(ids[i, prompt_len[i, 0]: length[i, 0]]) for i in range(rows)]
+    return {
+        "input_ids": ids,
+        "segment_ids": (positions < length).astype(np.int32),
+        "completion_mask": ((positions >= prompt_len) & (positions < length)).astype(np.float32),
+        "sample_logprobs": sample_logp,
+        "completions": completions,
+        "rollout_length": (length - prompt_len)[:, 0],
+    }
+
+
+def teacher_scorer(graphdef):
+    """jitted (params, ids, segment_ids) -> (log p(y_t), argmax at t - 1) for a teacher."""
+
+    @jax.jit
+    def score(params, ids_BT, segment_ids_BT):
+        return token_logprobs(nnx.merge(graphdef, params)(ids_BT, segment_ids_BT).logits, ids_BT)
+
+    return score
+
+
+def _load_model(path: str, model_cfg):
+    """A teacher: a train.py workdir (checkpoints/) or a HF checkpoint directory (config.json)."""
+    from mimo_jax.training import load_checkpoint
+
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return load_checkpoint(path)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        from mimo_jax.hf_io import load_hf
+
+        return load_hf(path, jnp.dtype(model_cfg.param_dtype))
+    raise ConfigError(f"mopd teacher {path!r}: neither a train.py workdir (checkpoints/) nor a HF directory "
+                      "(config.json)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def domain_accuracy(model, tokenizer, records: Sequence[dict], max_new_tokens: int, rewards: dict,
+                    batch_size: int = 64) -> dict[str, float]:
+    """Mean reward per domain of greedy completions (exact_match where no reward is configured)."""
+    from mimo_jax.inference import generate
+
+    scores: dict[str, list[float]] = {}
+    batch_size = min(batch_size, len(records))
+    for start in range(0, len(records), batch_size):
+        chunk = list(records[start: start + batch_size])
+        chunk += [chunk[-1]] * (batch_size - len(chunk))  # one compiled shape
+        prompts = [tokenizer.encode(r["prompt"]) for r in chunk]
+        result = generate(model, prompts, max_new_tokens, stop_token_ids=(tokenizer.eos_id,))
+        for i, record in enumerate(records[start: start + batch_size]):
+            text = tokenizer.decode(result.tokens[i, len(prompts[i]): result.lengths[i]])
+            reward = rewards.get(record["domain"], exact_match)
+            scores.setdefault(record["domain"], []).append(reward(record["prompt"], text, record.get("answer", "")))
+    return {domain: float(np.mean(v)) for domain, v in sorted(scores.items())}
+
+
+def _per_domain(domains: Sequence[str], row_metrics: dict, rewards_R, lengths_R) -> dict:
+    out = {}
+    domains = np.asarray(domains)
+    for domain in sorted(set(domains)):
+        rows = domains == domain
+        tokens = max(float(row_metrics["row_tokens"][rows].sum()), 1.0)
+        out[domain] = {
+            "reverse_kl": float(row_metrics["row_reverse_kl"][rows].sum()) / tokens,
+            "teacher_argmax_agreement": float(row_metrics["row_agree"][rows].sum()) / tokens,
+            "masked_fraction": float(row_metrics["row_masked"][rows].sum()) / tokens,
+            "outcome_reward": float(np.mean(rewards_R[rows])),
+            "rollout_length": float(np.mean(lengths_R[rows])),
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def train_mopd(cfg: Config, workdir: str, log=print) -> list[dict]:
+    """Runs (or resumes) MOPD; the student starts from `train.init_from`. Checkpoints, config.yaml
+    and metrics.jsonl are laid out as for train.py, so `load_checkpoint(workdir)` reads the result."""
+    from mimo_jax.data import check_tokenizer_fits, make_tokenizer
+    from mimo_jax.train_step import make_optimizer, router_bias_step, sharded_train_step
+    from mimo_jax.training import _checkpoint_manager, _initial_model, _restore, _save
+
+    mcfg, tcfg = cfg.mopd, cfg.train
+    if not mcfg.prompts or not mcfg.teachers:
+        raise ConfigError("train.mode=mopd needs mopd.prompts and mopd.teachers")
+    records = load_prompts(mcfg.prompts)
+    teachers_by_domain = mcfg.mapping("teachers")
+    missing = sorted({r["domain"] for r in records} - set(teachers_by_domain))
+    if missing:
+        raise ConfigError(f"{mcfg.prompts}: domains {missing} have no teacher in mopd.teachers")
+    rewards = {d: resolve_reward(f) for d, f in mcfg.mapping("rewards").items()}
+    if mcfg.outcome_weight and set(teachers_by_domain) - set(rewards):
+        raise ConfigError(f"mopd.outcome_weight > 0 needs mopd.rewards for every domain; missing "
+                          f"{sorted(set(teachers_by_domain) - set(rewards))}")
+    eval_records = load_prompts(mcfg.eval_prompts) if mcfg.eval_prompts else []
+    distributed.initialize(cfg.distributed)
+    os.makedirs(workdir, exist_ok=True)
+    if distributed.is_main_process():
+        with open(os.path.join(workdir, "config.yaml"), "w") as f:
+            yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    tokenizer = make_tokenizer(cfg.data)
+    check_tokenizer_fits(tokenizer, cfg.model.vocab_size)
+    mesh = sharding.make_mesh(cfg.mesh)
+
+    graphdef, params, rest = nnx.split(_initial_model(cfg), nnx.Param, ...)
+    rows = mcfg.prompts_per_step * mcfg.rollouts_per_prompt  # the step's batch (train.batch_size is unused)
+    tx = make_optimizer(tcfg, params)
+    step_fn, shardings = sharded_train_step(graphdef, params, rest, tx, mesh, cfg.sharding, (rows, tcfg.seq_len),
+                                            dataclasses.replace(tcfg, batch_size=rows), mcfg)
+    params = jax.device_put(params, shardings["params"])
+    rest = jax.device_put(rest, shardings["rest"])
+    opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
+    bias_fn = jax.jit(lambda p, r, loads: router_bias_step(graphdef, p, r, loads, tcfg.bias_update_rate),
+                      out_shardings=(shardings["rest"], None))
+    teachers = {}  # path -> (scorer, params sharded like the student's)
+    for path in sorted(set(teachers_by_domain.values())):
+        teacher = _load_model(path, cfg.model)
+        t_graphdef, t_params = nnx.split(teacher)
+        t_shardings = sharding.state_shardings(t_params, mesh, cfg.sharding)
+        teachers[path] = (teacher_scorer(t_graphdef), jax.device_put(t_params, t_shardings))
+        log(f"teacher {path} for domains {sorted(d for d, p in teachers_by_domain.items() if p == path)}")
+
+    manager = _checkpoint_manager(workdir, tcfg.keep_checkpoints)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    start = manager.latest_step() or 0
+    if start:
+        state = _restore(manager, start, {"params": params, "opt_state": opt_state, "rest": rest}, None)
+        params, opt_state, rest = state["params"], state["opt_state"], state["rest"]
+        log(f"resumed from {workdir}/checkpoints/{start}")
+    elif distributed.is_main_process():
+        open(metrics_path, "w").close()
+
+    def evaluate(step: int) -> dict:
+        if not eval_records:
+            return {}
+        per_domain = {}
+        for domain in sorted({r["domain"] for r in eval_records}):
+            subset = [r for r in eval_records if r["domain"] == domain][: mcfg.eval_max_prompts]
+            per_domain.update(domain_accuracy(nnx.merge(graphdef, params, rest), tokenizer, subset,
+                                              mcfg.max_new_tokens, rewards))
+        log(f"step {step}: eval accuracy " + ", ".join(f"{d} {a:.3f}" for d, a in per_domain.items()))
+        return {"eval_accuracy": per_domain}
+
+    records_out = []
+    with open(metrics_path, "a") as metrics_file:
+        if start == 0 and distributed.is_main_process():
+            metrics_file.write(json.dumps({"step": 0, **evaluate(0)}) + "\n")
+        for step in range(start + 1, tcfg.steps + 1):
+            t0 = time.perf_counter()
+            pick = np.random.default_rng([tcfg.seed, step]).choice(len(records), mcfg.prompts_per_step,
+                                                                    replace=len(records) < mcfg.prompts_per_step)
+            chosen = [records[i] for i in pick]
+            batch = rollout_batch(nnx.merge(graphdef, params, rest), tokenizer, chosen, mcfg, tcfg.seq_len,
+                                  seed=tcfg.seed * 1_000_003 + step)
+            domains = [r["domain"] for r in chosen for _ in range(mcfg.rollouts_per_prompt)]
+            answers = [r.get("answer", "") for r in chosen for _ in range(mcfg.rollouts_per_prompt)]
+            prompts = [r["prompt"] for r in chosen for _ in range(mcfg.rollouts_per_prompt)]
+            reward_R = np.array([rewards[d](p, c, a) if d in rewards else 0.0
+                                 for d, p, c, a in zip(domains, prompts, batch["completions"], answers)], np.float32)
+            outcome = group_advantages(reward_R, mcfg.rollouts_per_prompt)
+            ids = distributed.global_batch(batch["input_ids"], shardings["batch"])
+            seg = distributed.global_batch(batch["segment_ids"], shardings["batch"])
+            teacher_logp = np.zeros(batch["input_ids"].shape, np.float32)
+            teacher_argmax = np.full(batch["input_ids"].shape, -1, np.int32)
+            for path, (score, t_params) in teachers.items():
+                logp, argmax = (np.asarray(x) for x in score(t_params, ids, seg))
+                mine = np.array([teachers_by_domain[d] == path for d in domains])
+                teacher_logp[mine], teacher_argmax[mine] = logp[mine], argmax[mine]
+            extras = {"completion_mask": batch["completion_mask"], "sample_logprobs": batch["sample_logprobs"],
+                      "teacher_logprobs": teacher_logp, "teacher_argmax": teacher_argmax,
+                      "outcome_advantage": np.broadcast_to(outcome[:, None], teacher_logp.shape).copy()}
+            params, opt_state, metrics = step_fn(
+                params, opt_state, rest, ids, seg,
+                *(distributed.global_batch(extras[name], shardings["batch"]) for name in MOPD_INPUTS))
+            rest, _ = bias_fn(params, rest, metrics["router"])
+            row_metrics = {k: np.asarray(v) for k, v in metrics.items() if k.startswith("row_")}
+            record = {"step": step, "loss": float(metrics["mopd_loss"]), "grad_norm": float(metrics["grad_norm"]),
+                      "domains": _per_domain(domains, row_metrics, reward_R, batch["rollout_length"]),
+                      "step_seconds": time.perf_counter() - t0}
+            if tcfg.eval_every and step % tcfg.eval_every == 0 or step == tcfg.steps:
+                record.update(evaluate(step))
+            records_out.append(record)
+            if distributed.is_main_process():
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                if step % tcfg.log_every == 0 or step == tcfg.steps:
+                    log(f"step {step}/{tcfg.steps} | loss {record['loss']:.4f} | " + " | ".join(
+                        f"{d}: rkl {m['reverse_kl']:.3f} agree {m['teacher_argmax_agreement']:.2f} "
+                        f"reward {m['outcome_reward']:.2f} masked {m['masked_fraction']:.3f} len {m['rollout_length']:.1f}"
+                        for d, m in record["domains"].items()) + f" | {record['step_seconds']:.2f} s")
+            if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
+                _save(manager, step, {"params": params, "opt_state": opt_state, "rest": rest}, None, cfg)
+    manager.wait_until_finished()
+    manager.close()
+    return records_out
+
+
+def main(argv=None) -> int:
+    """`python -m mimo_jax.mopd eval --prompts P.jsonl --model W1 [--model W2 ...]`: greedy
+    accuracy per domain of each model (train.py workdirs or HF directories)."""
+    import argparse
+
+    from mimo_jax.config import load_config
+    from mimo_jax.data import make_tokenizer
+
+    parser = argparse.ArgumentParser(prog="python -m mimo_jax.mopd", description=main.__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    ev = sub.add_parser("eval", help="per-domain greedy accuracy")
+    ev.add_argument("--prompts", required=True)
+    ev.add_argument("--model", action="append", required=True, help="a workdir or HF directory (repeatable)")
+    ev.add_argument("--max-new-tokens", type=int, default=16)
+    ev.add_argument("--rewards", nargs="*", default=(), help="domain=fn (default exact_match)")
+    args = parser.parse_args(argv)
+    records = load_prompts(args.prompts)
+    rewards = {d: resolve_reward(f) for d, f in (e.split("=", 1) for e in args.rewards)}
+    domains = sorted({r["domain"] for r in records})
+    print("| model | " + " | ".join(domains) + " |\n|---|" + "---|" * len(domains))
+    for path in args.model:
+        cfg = load_config(os.path.join(path, "config.yaml")) if os.path.isfile(os.path.join(path, "config.yaml")) \
+            else load_config(path)
+        model = _load_model(path, cfg.model)
+        accuracy = domain_accuracy(model, make_tokenizer(cfg.data), records, args.max_new_tokens, rewards)
+        print(f"| {path} | " + " | ".join(f"{accuracy[d]:.3f}" for d in domains) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
