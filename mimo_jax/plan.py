@@ -1,20 +1,33 @@
-"""Pod planning: compile a training step or a prefill ahead of time for a TPU slice, from a CPU box.
+"""Pod planning: compile a training, prefill or decode step for a TPU slice ahead of time, on CPU.
 
     python -m mimo_jax.plan --config configs/mimo_v2_flash.yaml --topology v5p-256 \\
-        [--seq-len 32768] [--global-batch N] [--mode train|prefill] [--search] [key=value ...]
+        [--seq-len 32768] [--global-batch N] [--mode train|prefill|decode] [--search] [key=value ...]
+        [--prefill-chunk 8192] [--num-draft 3]
 
 The program is lowered for the slice's devices (libtpu describes them; nothing runs) with the
 Pallas kernels compiled by Mosaic (`model.kernel_mode=mosaic`, `attention_impl=pallas`,
-`moe_impl=pallas` unless overridden), and the plan reports, per chip: parameter and optimizer bytes
-(from the shardings), XLA's temporaries, whether it all fits HBM, flops per step, XLA's time
-estimate (or a roofline estimate when XLA gives none), MFU, and the hand-derived model flops per
-token beside XLA's count.
+`moe_impl=pallas` unless overridden), and the plan reports, per chip: parameter, optimizer and KV
+cache bytes (from the shardings), XLA's temporaries, whether it all fits HBM, flops per step, XLA's
+time estimate (or a roofline estimate when XLA gives none), MFU or tokens/s, and the hand-derived
+model flops per token beside XLA's count.
+
+Modes:
+- `train`: one optimizer step on `--global-batch` sequences of `--seq-len` tokens.
+- `prefill`: one chunk of a chunked prefill: `--prefill-chunk` tokens per sequence written into a
+  KV cache of `--seq-len` tokens. It is the prompt's last chunk, the costliest one: its queries see
+  the whole global cache. `--prefill-chunk` equal to `--seq-len` is a whole-prompt prefill.
+- `decode`: one decode step with a full KV cache of `--seq-len` tokens: 1 token per sequence, or
+  with `--num-draft D` the speculative verify step (D + 1 tokens through the main model; the cache
+  then also holds the MTP heads' rings, but the D drafting passes are not in the program).
+The cached modes run the model's own cached call (`model(ids, positions_BT=..., cache=...)`), the
+cache sharded by the `cache_*` rules and donated (updated in place).
 
 Topologies: slice names as Cloud TPU spells them (`v5p-256` counts TensorCores, 2 per v5p / v4
 chip, so 128 chips; `v5e-256` and `v6e-256` count chips) or raw `v5p:4x4x8` / `v5e:8x16` names.
 
-`--search` tries meshes, remat policies and MoE capacity factors (cheapest expected first) and
-stops at the first plan that fits, compiling at most `--max-compiles` programs.
+`--search` tries meshes, remat policies (training) or KV cache layouts (inference) and MoE
+capacity factors, cheapest expected first, and stops at the first plan that fits, compiling at
+most `--max-compiles` programs.
 """
 
 from __future__ import annotations
@@ -128,35 +141,48 @@ def topology_devices(topology: Topology):
 # --------------------------------------------------------------------------- model flops by hand
 
 
-def hand_flops_per_token(cfg, seq_len: int, mode: str) -> dict[str, float]:
+def hand_flops_per_token(cfg, seq_len: int, mode: str, query_len: int | None = None) -> dict[str, float]:
     """Model flops per token: 6 x params a token touches (2 x for a forward) plus attention.
 
     Attention per layer and token, forward: 2*H*(d_qk + d_v)*context (QK^T and PV). The context is
     the sequence length for global layers (PaLM's convention: no causal discount, so 12*L*H*Q*T when
     d_qk = d_v = Q) and the window for SWA layers. "causal" gives the work a causal kernel does:
-    (T+1)/2 keys on average for global layers. In training the MTP heads (an SWA block each, plus
-    the shared lm_head) are counted too; a prefill needs logits at the last position only.
+    (T+1)/2 keys on average for global layers over a whole sequence.
+
+    - train: `seq_len` tokens per sequence; the MTP heads (an SWA block each, plus the shared
+      lm_head) are counted too.
+    - prefill: the last chunk of `query_len` tokens (default: the whole prompt) of a `seq_len`
+      prompt; its queries see seq_len - (query_len - 1)/2 global keys on average (causal-exact).
+      Logits are needed at the last position only, so the lm_head is left out.
+    - decode: `query_len` tokens (1, or num_draft + 1 when verifying drafts) at the end of a
+      `seq_len` context; every token needs its logits, so the lm_head counts.
     """
     from mimo_jax.params import count_params
 
     counts = count_params(cfg)
     lm_head = cfg.hidden_size * cfg.vocab_size
     h, dqk, dv, t = cfg.num_attention_heads, cfg.qk_head_dim, cfg.v_head_dim, seq_len
+    queries = t if mode == "train" or query_len is None else query_len
     swa_context = min(t, cfg.sliding_window + 1)  # the window plus the query itself
     per_context = 2 * h * (dqk + dv)  # forward flops per (query, key) pair, all heads
     global_layers = sum(1 for lt in cfg.layer_types if lt == "global")
     swa_layers = cfg.num_layers - global_layers
     palm_context = global_layers * t + swa_layers * swa_context
-    causal_context = global_layers * (t + 1) / 2 + swa_layers * swa_context
+    # Queries at positions t - queries .. t - 1 see (position + 1) global keys: t - (queries - 1)/2 on average.
+    causal_context = global_layers * (t - (queries - 1) / 2) + swa_layers * swa_context
+    factor = 1
     if mode == "train":
         mtp_heads = cfg.num_mtp_heads
         weights = counts["active"] + counts["mtp"] + mtp_heads * lm_head
         palm_context += mtp_heads * swa_context
         causal_context += mtp_heads * swa_context
         factor = 3  # forward + backward (2x forward)
-    else:
+    elif mode == "prefill":
         weights = counts["active"] - lm_head
-        factor = 1
+    elif mode == "decode":
+        weights = counts["active"]
+    else:
+        raise PlanError(f"unknown mode {mode!r} (train, prefill or decode)")
     return {
         "weights": float(weights),
         "weight_flops": factor * 2.0 * weights,
@@ -182,12 +208,17 @@ class PlanResult:
     remat: str
     capacity_factor: float
     global_batch: int
-    seq_len: int
+    seq_len: int  # train: tokens per sequence; prefill / decode: the KV cache's length (context)
+    query_len: int = 0  # tokens per sequence in the step: seq_len (train), the chunk, 1 or num_draft + 1
+    num_draft: int = 0
     compile_s: float = float("nan")
     fits: bool = False
     error: str | None = None
     params_bytes: int = 0  # per device, from the shardings
     opt_bytes: int = 0
+    cache_bytes: int = 0  # the KV cache (prefill / decode)
+    cache_seq: tuple[str, ...] = ()  # the sharding.cache_seq rule
+    cache_spec: str = ""  # how the largest cache buffer is laid out
     rest_bytes: int = 0
     argument_bytes: int = 0  # memory_analysis, per device
     output_bytes: int = 0
@@ -199,13 +230,25 @@ class PlanResult:
     bytes_accessed_per_device: float = float("nan")
     xla_seconds: float | None = None
     roofline_seconds: float = float("nan")
+    stream_seconds: float = float("nan")  # parameters + KV cache read once from HBM (inference)
     traced_flops: dict[str, float] = dataclasses.field(default_factory=dict)  # global, loops counted
     hand: dict[str, float] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def tokens(self) -> int:
-        return self.global_batch * self.seq_len
+        """Tokens through the model in one step."""
+        return self.global_batch * (self.query_len or self.seq_len)
+
+    @property
+    def tokens_per_second(self) -> tuple[float, float]:
+        """(fewest, most) tokens a second: a decode step emits 1 token per sequence, a verify step
+        1 to num_draft + 1 (as many drafts as agree, plus one); a prefill chunk advances the prompt
+        by the chunk (this step is the prompt's costliest chunk, so it is a lower bound)."""
+        rate = self.global_batch / self.step_seconds
+        if self.mode == "decode":
+            return rate, rate * (self.num_draft + 1)
+        return rate * self.query_len, rate * self.query_len
 
     @property
     def peak_bytes(self) -> int:
@@ -318,16 +361,24 @@ def batch_shards(mesh, rules) -> int:
     return math.prod(mesh.shape[a] for a in rules.batch)
 
 
-def compile_plan(cfg, topology: Topology, mode: str, seq_len: int, global_batch: int | None) -> PlanResult:
-    """Lowers and compiles the step for the topology and reads the compiler's figures."""
+DEFAULT_PREFILL_CHUNK = 8192
+SEQ_SHARDED_CACHE = ("data", "fsdp", "expert")  # --search's second KV cache layout (sharding.cache_seq)
+
+
+def compile_plan(cfg, topology: Topology, mode: str, seq_len: int, global_batch: int | None, *,
+                 prefill_chunk: int | None = None, num_draft: int = 0) -> PlanResult:
+    """Lowers and compiles the step for the topology and reads the compiler's figures.
+
+    train: one optimizer step; prefill: the last `prefill_chunk`-token chunk (default
+    DEFAULT_PREFILL_CHUNK, at most `seq_len`) of a prompt into a `seq_len`-token KV cache; decode:
+    one step of 1 (or `num_draft` + 1) tokens per sequence with a full `seq_len`-token cache."""
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding
 
-    from mimo_jax import sharding
     from mimo_jax.train_step import abstract_model_state, sharded_train_step
 
     model_cfg = cfg.model
+    query_len = _query_len(mode, seq_len, prefill_chunk, num_draft, model_cfg)
     mesh = build_mesh(cfg, topology)
     rules = cfg.sharding
     devices = mesh.devices.size
@@ -335,7 +386,8 @@ def compile_plan(cfg, topology: Topology, mode: str, seq_len: int, global_batch:
     batch = global_batch or shards
     result = PlanResult(mode=mode, topology=topology.name, chips=topology.chips, devices=devices,
                         mesh=dict(mesh.shape), remat=model_cfg.remat, capacity_factor=model_cfg.moe_capacity_factor,
-                        global_batch=batch, seq_len=seq_len, hand=hand_flops_per_token(model_cfg, seq_len, mode))
+                        global_batch=batch, seq_len=seq_len, query_len=query_len, num_draft=num_draft,
+                        hand=hand_flops_per_token(model_cfg, seq_len, mode, query_len))
     if batch % shards:
         result.notes.append(f"global batch {batch} does not divide over the {shards} batch shards "
                             f"({'x'.join(rules.batch)}): the batch is replicated, every device computes it all")
@@ -343,9 +395,8 @@ def compile_plan(cfg, topology: Topology, mode: str, seq_len: int, global_batch:
         raise PlanError(f"expert axis {mesh.shape['expert']} does not divide {model_cfg.num_experts} experts")
 
     graphdef, params, rest = abstract_model_state(model_cfg)
-    batch_shape = (batch, seq_len)
-    ids = jax.ShapeDtypeStruct(batch_shape, jnp.int32)
     if mode == "train":
+        batch_shape = (batch, seq_len)
         tx = make_optimizer()
         step, shardings = sharded_train_step(graphdef, params, rest, tx, mesh, rules, batch_shape)
         opt_state = jax.eval_shape(tx.init, params)
@@ -354,13 +405,22 @@ def compile_plan(cfg, topology: Topology, mode: str, seq_len: int, global_batch:
                 _with_shardings(rest, shardings["rest"]), ids, ids)
         result.opt_bytes = _bytes_per_device(opt_state, shardings["opt_state"])
     else:
-        step, shardings = _sharded_prefill(graphdef, params, rest, mesh, rules, batch_shape)
-        ids = jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=shardings["batch"])
-        args = (_with_shardings(params, shardings["params"]), _with_shardings(rest, shardings["rest"]), ids)
-        result.notes.append("decode steps are not planned: the model has no KV cache yet")
+        cache = abstract_cache(model_cfg, batch, seq_len, num_draft)
+        logits_at = 1 if mode == "prefill" else query_len
+        step, shardings = _sharded_cached_step(graphdef, params, rest, cache, mesh, rules, (batch, query_len), logits_at,
+                                               model_cfg.vocab_size)
+        ids = jax.ShapeDtypeStruct((batch, query_len), jnp.int32, sharding=shardings["batch"])
+        args = (_with_shardings(params, shardings["params"]), _with_shardings(rest, shardings["rest"]),
+                _with_shardings(cache, shardings["cache"]), ids, ids)
+        result.cache_bytes = _bytes_per_device(cache, shardings["cache"])
+        result.cache_seq = rules.cache_seq
+        largest = max(zip(jax.tree.leaves(cache), jax.tree.leaves(shardings["cache"])), key=lambda c: c[0].size)
+        result.cache_spec = f"{list(largest[0].shape)} as {largest[1].spec}"
+        if num_draft:
+            result.notes.append(f"verify step: {query_len} tokens per sequence through the main model; the cache "
+                                f"holds the MTP heads' rings too, but the {num_draft} drafting passes are not compiled")
     result.params_bytes = _bytes_per_device(params, shardings["params"])
     result.rest_bytes = _bytes_per_device(rest, shardings["rest"])
-    del NamedSharding, sharding
 
     t0 = time.perf_counter()
     traced = step.trace(*args)
@@ -372,6 +432,9 @@ def compile_plan(cfg, topology: Topology, mode: str, seq_len: int, global_batch:
         text = str(e)
         if "RESOURCE_EXHAUSTED" in text or "exceeds available HBM" in text or "Ran out of memory" in text:
             result.error = "does not fit: " + _oom_summary(text)
+            return result
+        if isinstance(e, jax.errors.JaxRuntimeError):  # refused for another reason: a verdict too
+            result.error = "compiler error: " + " ".join(text.split())[:300]
             return result
         raise
     result.compile_s = time.perf_counter() - t0
@@ -407,6 +470,7 @@ def _read_compiled(result: PlanResult, compiled, topology: Topology) -> None:
     # Both counts with loop bodies multiplied out: flops from the traced program, bytes scaled alike.
     flops = max(result.flops_per_device, result.traced_flops.get("total", 0.0) / result.devices)
     result.roofline_seconds = max(flops / peak, result.bytes_accessed_per_device * result.loop_factor / bandwidth)
+    result.stream_seconds = (result.params_bytes + result.rest_bytes + result.cache_bytes) / bandwidth
     result.hbm_bytes = topology.chip.hbm_gib * GIB * per_chip
     result.fits = result.peak_bytes <= result.hbm_bytes
 
@@ -416,35 +480,90 @@ def device_share(result: PlanResult, topology: Topology) -> float:
     return topology.chips / result.devices
 
 
-def _sharded_prefill(graphdef, params, rest, mesh, rules, batch_shape):
-    """A forward over the prompt returning the logits of its last position ([B, V], fp32)."""
+def _query_len(mode: str, seq_len: int, prefill_chunk: int | None, num_draft: int, model_cfg) -> int:
+    if num_draft and mode != "decode":
+        raise PlanError("--num-draft plans the speculative verify step: it needs --mode decode")
+    if prefill_chunk is not None and mode != "prefill":
+        raise PlanError("--prefill-chunk needs --mode prefill")
+    if mode == "train":
+        return seq_len
+    if mode == "prefill":
+        chunk = min(seq_len, DEFAULT_PREFILL_CHUNK) if prefill_chunk is None else prefill_chunk
+        if not 0 < chunk <= seq_len:
+            raise PlanError(f"--prefill-chunk {chunk} must be in 1..--seq-len ({seq_len})")
+        return chunk
+    if mode == "decode":
+        if not 0 <= num_draft <= model_cfg.num_mtp_heads:
+            raise PlanError(f"--num-draft must be in 0..{model_cfg.num_mtp_heads} (the model's MTP heads), "
+                            f"got {num_draft}")
+        if num_draft + 1 > seq_len:
+            raise PlanError(f"--seq-len {seq_len} is shorter than the {num_draft + 1} tokens of a step")
+        return num_draft + 1
+    raise PlanError(f"unknown mode {mode!r} (train, prefill or decode)")
+
+
+def abstract_cache(model_cfg, batch: int, seq_len: int, num_draft: int = 0):
+    """The KV cache of `batch` sequences of `seq_len` tokens as ShapeDtypeStructs (the MTP heads'
+    rings too when drafting)."""
     import jax
-    import jax.numpy as jnp
+
+    from mimo_jax.kv_cache import init_cache
+
+    return jax.eval_shape(lambda: init_cache(model_cfg, batch, seq_len, num_draft=num_draft, mtp=num_draft > 0))
+
+
+def cache_shardings(cache, mesh, rules):
+    """NamedShardings for a `kv_cache.KVCache` from the `cache_*` rules: K/V buffers
+    [..., B, S, K, D] by `kv_cache.CACHE_AXES` (the stacked-layer or MTP-head dims replicated), the
+    slot positions [B, R] by batch."""
+    import jax
+    from jax.sharding import NamedSharding
+
+    from mimo_jax.kv_cache import CACHE_AXES
+    from mimo_jax.sharding import logical_spec
+
+    def by(axes):
+        return lambda x: NamedSharding(mesh, logical_spec((None,) * (x.ndim - len(axes)) + tuple(axes), rules, mesh,
+                                                          x.shape))
+
+    kv = by(CACHE_AXES)
+    positions = by(("cache_batch", None))
+    return cache.replace(
+        layers=jax.tree.map(kv, cache.layers), ring_positions=positions(cache.ring_positions),
+        mtp=None if cache.mtp is None else jax.tree.map(kv, cache.mtp),
+        mtp_positions=None if cache.mtp_positions is None else positions(cache.mtp_positions))
+
+
+def _sharded_cached_step(graphdef, params, rest, cache, mesh, rules, batch_shape, logits_at: int, vocab: int):
+    """One cached model call on [B, T] tokens at the given positions: returns the logits of the
+    last `logits_at` positions ([B, logits_at, V], fp32) and the updated cache (donated)."""
+    import jax
     from flax import nnx
     from jax.sharding import NamedSharding
 
     from mimo_jax import sharding
-    from mimo_jax.model import ACTIVATION_AXES
 
     shardings = {
         "params": sharding.state_shardings(params, mesh, rules),
         "rest": sharding.state_shardings(rest, mesh, rules),
+        "cache": cache_shardings(cache, mesh, rules),
         "batch": NamedSharding(mesh, sharding.logical_spec(("batch", "seq"), rules, mesh, batch_shape)),
     }
+    logits_shape = (batch_shape[0], logits_at, vocab)
+    logits_sharding = NamedSharding(mesh, sharding.logical_spec(("batch", "seq", "act_vocab"), rules, mesh,
+                                                                logits_shape))
 
-    def prefill(params, rest, input_ids_BT):
+    def step(params, rest, cache, input_ids_BT, positions_BT):
         with sharding.activate(mesh, rules):
             model = nnx.merge(graphdef, params, rest)
-            positions_BT = jnp.broadcast_to(jnp.arange(input_ids_BT.shape[1]), input_ids_BT.shape)
-            x_BTD = sharding.constrain(model.embed_tokens(input_ids_BT), ACTIVATION_AXES)
-            for segment in model.segments:
-                x_BTD = segment(x_BTD, positions_BT)
-                if isinstance(x_BTD, tuple):  # segments that also return router statistics
-                    x_BTD = x_BTD[0]
-            # The final norm is per position, so only the last one needs it (and the lm_head).
-            return model.logits(model.final_norm(x_BTD[:, -1:]))[:, 0]
+            out = model(input_ids_BT, positions_BT=positions_BT, cache=cache, logits=False)
+            # The final norm is per position: only the positions that need logits go through the lm_head.
+            return model.logits(out.hidden[:, -logits_at:]), out.cache
 
-    jitted = jax.jit(prefill, in_shardings=(shardings["params"], shardings["rest"], shardings["batch"]))
+    jitted = jax.jit(step, in_shardings=(shardings["params"], shardings["rest"], shardings["cache"],
+                                         shardings["batch"], shardings["batch"]),
+                     out_shardings=(logits_sharding, shardings["cache"]), donate_argnums=(2,),
+                     keep_unused=True)  # the MTP heads stay in HBM (they draft) though this step skips them
     return jitted, shardings
 
 
@@ -460,20 +579,35 @@ def mfu(result: PlanResult, topology: Topology) -> float:
     return model_flops / (topology.chips * topology.chip.peak_tflops * 1e12 * result.step_seconds)
 
 
+def _describe_step(result: PlanResult) -> str:
+    b = result.global_batch
+    if result.mode == "train":
+        return f"train; batch {b} x {result.seq_len} tokens = {result.tokens:,} tokens per step"
+    if result.mode == "prefill":
+        first = result.seq_len - result.query_len
+        return (f"prefill chunk; batch {b} x {result.query_len} tokens (positions {first:,}..{result.seq_len - 1:,}, "
+                f"the last chunk of a {result.seq_len:,}-token prompt) = {result.tokens:,} tokens per step")
+    kind = f"verify step ({result.num_draft} drafts + 1)" if result.num_draft else "decode step"
+    return (f"{kind}; batch {b} x {result.query_len} token{'s' * (result.query_len > 1)} = {result.tokens:,} "
+            f"tokens per step, with a full KV cache of {result.seq_len:,} tokens per sequence")
+
+
 def report(result: PlanResult, topology: Topology, out=sys.stdout) -> None:
     p = lambda *a: print(*a, file=out)  # noqa: E731
     chip = topology.chip
     p(f"topology:        {topology.requested} -> {topology.name}: {topology.chips} chips ({chip.generation}, "
       f"{chip.hbm_gib:g} GiB HBM, {chip.peak_tflops:g} TFLOP/s bf16 per chip), {result.devices} devices")
     p("mesh:            " + " ".join(f"{k}={v}" for k, v in result.mesh.items()))
-    p(f"mode:            {result.mode}; batch {result.global_batch} x {result.seq_len} tokens = {result.tokens:,} "
-      f"tokens per step; remat={result.remat}; moe_capacity_factor={result.capacity_factor:g}")
+    p(f"mode:            {_describe_step(result)}; remat={result.remat}; "
+      f"moe_capacity_factor={result.capacity_factor:g}")
     p(f"compile time:    {result.compile_s:.1f} s (on this machine)")
     for note in result.notes:
         p(f"note:            {note}")
     if result.error:
         p(f"fits:            NO ({result.error})")
-        p(f"memory/device:   parameters {_gib(result.params_bytes)}, optimizer state {_gib(result.opt_bytes)} "
+        state = (f"optimizer state {_gib(result.opt_bytes)}" if result.mode == "train"
+                 else f"KV cache {_gib(result.cache_bytes)}")
+        p(f"memory/device:   parameters {_gib(result.params_bytes)}, {state} "
           "(from the shardings; the compiler refused the program)")
         return
     share = device_share(result, topology)
@@ -482,8 +616,11 @@ def report(result: PlanResult, topology: Topology, out=sys.stdout) -> None:
     p(f"  parameters          {_gib(result.params_bytes)}")
     if result.mode == "train":
         p(f"  optimizer state     {_gib(result.opt_bytes)}")
+    else:
+        p(f"  KV cache            {_gib(result.cache_bytes)} ({result.global_batch} x {result.seq_len:,} tokens; "
+          f"donated: the updated cache reuses its buffers; largest buffer {result.cache_spec})")
     p(f"  other state         {_gib(result.rest_bytes)} (router biases)")
-    p(f"  arguments (XLA)     {_gib(result.argument_bytes)} (state + batch)")
+    p(f"  arguments (XLA)     {_gib(result.argument_bytes)} (state + {'batch' if result.mode == 'train' else 'tokens'})")
     p(f"  outputs (XLA)       {_gib(result.output_bytes)}, of which aliased to donated inputs {_gib(result.alias_bytes)}")
     p(f"  temporaries (XLA)   {_gib(result.temp_bytes)}")
     p(f"  program code        {_gib(result.code_bytes)}")
@@ -502,25 +639,49 @@ def report(result: PlanResult, topology: Topology, out=sys.stdout) -> None:
     p(f"XLA estimate:    {xla}; roofline max(flops/peak, bytes/HBM bandwidth) = {result.roofline_seconds:.4g} s")
     p(f"step time:       {result.step_seconds:.4g} s ({result.time_source}; neither models ICI communication "
       f"fully, so treat it as a lower bound)")
+    if result.mode != "train":
+        p(f"HBM floor:       {result.stream_seconds:.4g} s to read the parameters and the KV cache once per chip "
+          f"(XLA's traffic above also counts copies the program makes, e.g. of scanned weights)")
+    low, high = result.tokens_per_second
+    if result.mode == "decode":
+        per = f"{low:,.1f} tokens/s ({result.global_batch} sequences x 1 token per step)"
+        if result.num_draft:
+            per = (f"{low:,.1f} to {high:,.1f} tokens/s ({result.global_batch} sequences x 1 to "
+                   f"{result.num_draft + 1} tokens per verify step, as many drafts as are accepted + 1)")
+        floor = result.global_batch / result.stream_seconds
+        floor_rate = f"{floor:,.1f}" + (f" to {floor * (result.num_draft + 1):,.1f}" if result.num_draft else "")
+        p(f"throughput:      {per}; {result.step_seconds * 1e3:.3g} ms per step (at the HBM floor: {floor_rate} "
+          f"tokens/s)")
+    elif result.mode == "prefill":
+        chunks = -(-result.seq_len // result.query_len)
+        p(f"throughput:      >= {low:,.0f} prompt tokens/s (this is the costliest chunk); a {result.seq_len:,}-token "
+          f"prompt takes <= {chunks} chunks x {result.step_seconds:.3g} s = {chunks * result.step_seconds:.3g} s")
     hand = result.hand
     p(f"model flops/token (hand): {hand['total']:.4g} = {'6' if result.mode == 'train' else '2'} x "
       f"{hand['weights'] / 1e9:.3f}B params ({hand['weight_flops']:.4g}) + attention {hand['attention_flops']:.4g} "
       f"[causal-exact attention: {hand['attention_flops_causal']:.4g}, total {hand['total_causal']:.4g}]")
     per_token = traced["total"] / result.tokens
+    extra = ("remat recomputation, the attention backward's recomputed scores, block-granular masks and the fp32 "
+             "router" if result.mode == "train" else
+             "block-granular attention (queries padded to 16-row blocks, keys to 128-key blocks), the fp32 router, "
+             "and work repeated on every device where the batch does not divide over the batch shards")
     p(f"traced flops/token: {per_token:.4g} = {per_token / hand['total']:.3f} x the hand count "
-      f"({per_token / hand['total_causal']:.3f} x causal-exact; the traced count adds remat recomputation, "
-      f"the attention backward's recomputed scores, block-granular masks and the fp32 router)")
+      f"({per_token / hand['total_causal']:.3f} x causal-exact; the traced count adds {extra})")
     p(f"MFU:             {100 * mfu(result, topology):.1f}% (hand model flops x tokens / (chips x peak x step time))")
 
 
 # --------------------------------------------------------------------------- search
 
 
-def candidate_meshes(devices: int, num_experts: int) -> list[dict[str, int]]:
+def candidate_meshes(devices: int, num_experts: int, mode: str = "train") -> list[dict[str, int]]:
     """Factorisations devices = data * fsdp * expert * tensor with expert | num_experts and tensor in
-    1, 2, 4, 8, cheapest expected first: no data replication (the 309B state must be sharded), little
-    tensor parallelism (an all-reduce per matmul), then expert parallelism as wide as the experts
-    allow (it divides the expert weights without gathering them)."""
+    1, 2, 4, 8, cheapest expected first.
+
+    Training: no data replication (the 309B state must be sharded), little tensor parallelism (an
+    all-reduce per matmul), then expert parallelism as wide as the experts allow (it divides the
+    expert weights without gathering them). Inference: no data replication and no fsdp either (a
+    step would gather every weight for a few tokens), then as much tensor parallelism as allowed
+    (it splits the dense weights and the KV heads of a few sequences that the batch axes cannot)."""
     meshes = []
     for tensor in (1, 2, 4, 8):
         for expert in _divisors(devices // tensor if devices % tensor == 0 else 0):
@@ -529,7 +690,9 @@ def candidate_meshes(devices: int, num_experts: int) -> list[dict[str, int]]:
             rest = devices // (tensor * expert)
             for data in _divisors(rest):
                 meshes.append(dict(data=data, fsdp=rest // data, expert=expert, tensor=tensor))
-    return sorted(meshes, key=lambda m: (m["data"], m["tensor"], -m["expert"]))
+    if mode == "train":
+        return sorted(meshes, key=lambda m: (m["data"], m["tensor"], -m["expert"]))
+    return sorted(meshes, key=lambda m: (m["data"], m["fsdp"], -m["tensor"]))
 
 
 def _divisors(n: int) -> list[int]:
@@ -537,25 +700,36 @@ def _divisors(n: int) -> list[int]:
 
 
 def search(base_cfg, topology: Topology, mode: str, seq_len: int, global_batch: int | None, max_compiles: int,
-           out=sys.stdout, meshes_per_policy: int = 3) -> tuple[list[PlanResult], PlanResult | None]:
+           out=sys.stdout, meshes_per_policy: int = 3, *, prefill_chunk: int | None = None,
+           num_draft: int = 0) -> tuple[list[PlanResult], PlanResult | None]:
     """Compiles candidates until one fits (or `max_compiles` are spent); returns (tried, best).
 
-    Order: capacity factor 0 (dropless) before bounded buffers, then remat none < dots < full, and
-    within a policy the `meshes_per_policy` cheapest meshes whose state fits HBM: a plan that keeps
-    all activations rarely fits where recomputing them does, so more meshes per policy would spend
-    the compile budget on the same verdict."""
+    Order: capacity factor 0 (dropless) before bounded buffers, then remat none < dots < full
+    (training only), and within a policy the `meshes_per_policy` cheapest meshes whose state fits
+    HBM: a plan that keeps all activations rarely fits where recomputing them does, so more meshes
+    per policy would spend the compile budget on the same verdict. Inference plans count the KV
+    cache in the state and accept a batch smaller than the batch shards (a single 256k sequence
+    is replicated over them; the expert and tensor axes still split the weights)."""
     from mimo_jax.config import apply_overrides
 
+    query_len = _query_len(mode, seq_len, prefill_chunk, num_draft, base_cfg.model)
     devices = len(topology_devices(topology))
-    remats = ("none", "dots", "full") if mode == "train" else ("none",)
-    meshes = candidate_meshes(devices, base_cfg.model.num_experts)
+    if mode == "train":
+        policies = [[f"model.remat={remat}"] for remat in ("none", "dots", "full")]
+        capacities = (0.0, 1.25, 2.0)
+    else:  # the KV cache as the rules place it, then its sequence over the batch axes a small batch leaves idle
+        policies = [["model.remat=none"], ["model.remat=none", f"sharding.cache_seq=[{', '.join(SEQ_SHARDED_CACHE)}]"]]
+        capacities = (0.0, 1.25)
+    meshes = candidate_meshes(devices, base_cfg.model.num_experts, mode)
     tried: list[PlanResult] = []
-    print(f"search: {len(meshes)} meshes x {len(remats)} remat policies on {topology.name}, at most "
-          f"{max_compiles} compiles", file=out)
+    what = "remat policies" if mode == "train" else "KV cache layouts"
+    print(f"search: {len(meshes)} meshes x {len(policies)} {what} x {len(capacities)} capacity factors on "
+          f"{topology.name}, at most {max_compiles} compiles", file=out)
     print(SEARCH_HEADER, file=out, flush=True)
     shown_skips: set = set()
-    for capacity in (0.0, 1.25, 2.0):
-        for remat in remats:
+    ragged_refused = False  # some topologies' compilers refuse the ragged all-to-all of dropless dispatch
+    for capacity in capacities:
+        for policy in policies:
             compiled_here = 0
             for mesh in meshes:
                 if compiled_here >= meshes_per_policy:
@@ -563,41 +737,46 @@ def search(base_cfg, topology: Topology, mode: str, seq_len: int, global_batch: 
                 if len(tried) >= max_compiles:
                     print(f"stopped: --max-compiles {max_compiles} reached", file=out)
                     return tried, None
-                cfg = apply_overrides(base_cfg, [f"mesh.{k}={v}" for k, v in mesh.items()] +
-                                      [f"model.remat={remat}", f"model.moe_capacity_factor={capacity}"])
+                cfg = apply_overrides(base_cfg, [f"mesh.{k}={v}" for k, v in mesh.items()] + policy +
+                                      [f"model.moe_capacity_factor={capacity}"])
                 shards = math.prod(mesh[a] for a in cfg.sharding.batch)
-                if global_batch and global_batch % shards:
+                batch = global_batch or shards
+                if mode == "train" and batch % shards:
                     continue  # the batch would be replicated over some devices: not a real candidate
+                # Rows a device holds: its share of the batch, or all of it where the batch is replicated.
+                tokens_per_device = query_len * (batch // shards if batch % shards == 0 else batch)
                 hbm = topology.chip.hbm_gib * GIB * topology.chips / devices
                 reason = None
-                state = _state_bytes(cfg, topology, mode)
+                state = _state_bytes(cfg, topology, mode, batch, seq_len, num_draft)
                 if state > hbm:
                     reason = f"state alone {state / GIB:.1f} GiB > HBM"
+                elif capacity == 0.0 and ragged_refused:
+                    reason = "dropless needs the ragged all-to-all the compiler refused above"
                 elif capacity == 0.0:
-                    buffer = dropless_dispatch_bytes(cfg.model, mesh, seq_len * (global_batch or shards) // shards)
+                    buffer = dropless_dispatch_bytes(cfg.model, mesh, tokens_per_device)
                     if buffer > hbm:
                         reason = f"dropless all-to-all buffer {buffer / GIB:.0f} GiB > HBM"
                 elif mode == "train":
-                    logits = loss_logits_bytes(cfg.model, mesh, seq_len * (global_batch or shards) // shards)
+                    logits = loss_logits_bytes(cfg.model, mesh, tokens_per_device)
                     if logits > hbm:
                         reason = f"fp32 logits and their gradient {logits / GIB:.0f} GiB > HBM"
                 if reason:  # no compile needed for this verdict
-                    key = (tuple(mesh.values()), capacity, reason)
+                    key = (tuple(mesh.values()), capacity, tuple(policy), reason)
                     if key not in shown_skips:
                         shown_skips.add(key)
                         if len(shown_skips) <= 8:
-                            skipped = compile_plan_stub(cfg, topology, mode, seq_len, global_batch or shards, mesh,
-                                                        reason)
+                            skipped = compile_plan_stub(cfg, topology, mode, seq_len, batch, mesh, reason,
+                                                        query_len, num_draft)
                             print(search_row(skipped), file=out, flush=True)
                     continue
-                result = compile_plan(cfg, topology, mode, seq_len, global_batch)
+                result = compile_plan(cfg, topology, mode, seq_len, global_batch,
+                                      prefill_chunk=prefill_chunk, num_draft=num_draft)
                 tried.append(result)
                 compiled_here += 1
+                ragged_refused |= "Ragged all-to-all" in (result.error or "")
                 print(search_row(result), file=out, flush=True)
                 if result.fits:
                     return tried, result
-            if capacity == 0.0 and mode != "train":
-                break
     if len(shown_skips) > 8:
         print(f"({len(shown_skips) - 8} more candidates skipped without compiling for the same reasons)", file=out)
     return tried, None
@@ -621,14 +800,18 @@ def dropless_dispatch_bytes(model_cfg, mesh: dict[str, int], tokens_per_device: 
     return shards * tokens_per_device * model_cfg.num_experts_per_token * model_cfg.hidden_size * itemsize
 
 
-def compile_plan_stub(cfg, topology: Topology, mode: str, seq_len: int, global_batch: int, mesh, reason: str):
+def compile_plan_stub(cfg, topology: Topology, mode: str, seq_len: int, global_batch: int, mesh, reason: str,
+                      query_len: int, num_draft: int = 0):
     return PlanResult(mode=mode, topology=topology.name, chips=topology.chips, devices=math.prod(mesh.values()),
                       mesh=dict(mesh), remat=cfg.model.remat, capacity_factor=cfg.model.moe_capacity_factor,
-                      global_batch=global_batch, seq_len=seq_len, compile_s=0.0, error="skipped, " + reason)
+                      global_batch=global_batch, seq_len=seq_len, query_len=query_len, num_draft=num_draft,
+                      cache_seq=cfg.sharding.cache_seq if mode != "train" else (), compile_s=0.0,
+                      error="skipped, " + reason)
 
 
-def _state_bytes(cfg, topology: Topology, mode: str) -> int:
-    """Parameters (+ AdamW moments in training) per device, from the shardings alone."""
+def _state_bytes(cfg, topology: Topology, mode: str, batch: int, seq_len: int, num_draft: int = 0) -> int:
+    """Parameters, plus AdamW moments in training or the KV cache in inference, per device, from
+    the shardings alone."""
     import jax
 
     from mimo_jax import sharding
@@ -636,28 +819,34 @@ def _state_bytes(cfg, topology: Topology, mode: str) -> int:
 
     mesh = build_mesh(cfg, topology)
     _, params, _ = abstract_model_state(cfg.model)
-    param_bytes = _bytes_per_device(params, sharding.state_shardings(params, mesh, cfg.sharding))
+    param_shardings = sharding.state_shardings(params, mesh, cfg.sharding)
+    param_bytes = _bytes_per_device(params, param_shardings)
     if mode != "train":
-        return param_bytes
+        cache = abstract_cache(cfg.model, batch, seq_len, num_draft)
+        return param_bytes + _bytes_per_device(cache, cache_shardings(cache, mesh, cfg.sharding))
     tx = make_optimizer()
     opt = jax.eval_shape(tx.init, params)
-    opt_shardings = sharding.optimizer_shardings(tx, opt, sharding.state_shardings(params, mesh, cfg.sharding), mesh)
+    opt_shardings = sharding.optimizer_shardings(tx, opt, param_shardings, mesh)
     return param_bytes + _bytes_per_device(opt, opt_shardings)
 
 
 SEARCH_HEADER = ("| mesh (data,fsdp,expert,tensor) | remat | capacity | batch | fits | peak GiB/chip | "
-                 "temp GiB | est. step s | MFU | compile s |\n|---|---|---|---|---|---|---|---|---|---|")
+                 "temp GiB | est. step s | MFU | tokens/s | compile s |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def search_row(r: PlanResult) -> str:
     mesh = ",".join(str(r.mesh[a]) for a in ("data", "fsdp", "expert", "tensor"))
+    remat = r.remat + (f", cache_seq={'+'.join(r.cache_seq)}" if r.cache_seq else "")
     if r.error:
-        return (f"| {mesh} | {r.remat} | {r.capacity_factor:g} | {r.global_batch} | no ({r.error[:60]}) | | | | | "
+        error = r.error if len(r.error) <= 80 else f"{r.error[:20]}...{r.error[-57:]}"
+        return (f"| {mesh} | {remat} | {r.capacity_factor:g} | {r.global_batch} | no ({error}) | | | | | | "
                 f"{r.compile_s:.0f} |")
     top = parse_topology(r.topology)
-    return (f"| {mesh} | {r.remat} | {r.capacity_factor:g} | {r.global_batch} | {'yes' if r.fits else 'no'} | "
+    low, high = r.tokens_per_second
+    rate = f"{low:,.0f}" if high == low else f"{low:,.0f}-{high:,.0f}"
+    return (f"| {mesh} | {remat} | {r.capacity_factor:g} | {r.global_batch} | {'yes' if r.fits else 'no'} | "
             f"{r.peak_bytes / GIB:.2f} | {r.temp_bytes / GIB:.2f} | {r.step_seconds:.3g} | "
-            f"{100 * mfu(r, top):.1f}% | {r.compile_s:.0f} |")
+            f"{100 * mfu(r, top):.1f}% | {rate} | {r.compile_s:.0f} |")
 
 
 # --------------------------------------------------------------------------- command line
@@ -670,14 +859,20 @@ def main(argv: Sequence[str] | None = None, out=sys.stdout) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--config", default="configs/mimo_v2_flash.yaml", help="YAML preset or file")
     parser.add_argument("--topology", required=True, help="v5p-256, v5e-64, v5p:4x4x8, ...")
-    parser.add_argument("--mode", choices=("train", "prefill"), default="train")
-    parser.add_argument("--seq-len", type=int, default=32768)
+    parser.add_argument("--mode", choices=("train", "prefill", "decode"), default="train")
+    parser.add_argument("--seq-len", type=int, default=32768,
+                        help="tokens per sequence (train) or the KV cache's length (prefill, decode)")
     parser.add_argument("--global-batch", type=int, default=None,
                         help="sequences per step (default: one per batch shard, data*fsdp*expert)")
+    parser.add_argument("--prefill-chunk", type=int, default=None,
+                        help=f"prefill: tokens per chunk (default {DEFAULT_PREFILL_CHUNK}, at most --seq-len)")
+    parser.add_argument("--num-draft", type=int, default=0,
+                        help="decode: plan the speculative verify step of this many MTP drafts + 1 (default 0: "
+                             "plain decoding, 1 token)")
     parser.add_argument("--search", action="store_true", help="try meshes / remat / capacity until one fits")
     parser.add_argument("--max-compiles", type=int, default=6, help="cap on compiles in --search")
     parser.add_argument("--meshes-per-policy", type=int, default=3,
-                        help="in --search, meshes tried per (capacity, remat) before moving on")
+                        help="in --search, meshes tried per (capacity, remat or cache layout) before moving on")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value config overrides (model.*, mesh.*, sharding.*)")
     args = parser.parse_args(argv)
 
@@ -695,7 +890,8 @@ def main(argv: Sequence[str] | None = None, out=sys.stdout) -> int:
             raise PlanError("--seq-len and --global-batch must be positive")
         if args.search:
             tried, best = search(cfg, topology, args.mode, args.seq_len, args.global_batch,
-                                  args.max_compiles, out, args.meshes_per_policy)
+                                  args.max_compiles, out, args.meshes_per_policy, prefill_chunk=args.prefill_chunk,
+                                  num_draft=args.num_draft)
             if best is None:
                 print(f"no fitting plan in {len(tried)} compiles (raise --max-compiles, add chips, or override "
                       f"model.param_dtype=bfloat16)", file=out)
@@ -703,7 +899,8 @@ def main(argv: Sequence[str] | None = None, out=sys.stdout) -> int:
             print("\nbest found:", file=out)
             report(best, topology, out)
             return 0
-        result = compile_plan(cfg, topology, args.mode, args.seq_len, args.global_batch)
+        result = compile_plan(cfg, topology, args.mode, args.seq_len, args.global_batch,
+                              prefill_chunk=args.prefill_chunk, num_draft=args.num_draft)
     except (PlanError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,10 +1,12 @@
 """The pod planner: topology names, errors, and ahead-of-time compiles of a tiny model for a 4-chip
-v5e slice (needs libtpu; nothing runs on a TPU)."""
+v5e slice: a training step, a decode / verify step and a prefill chunk with KV caches (needs libtpu;
+nothing runs on a TPU)."""
 
 import io
 import math
 import re
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -122,12 +124,87 @@ def test_plan_compiles_a_tiny_model_for_a_v5e_slice_and_reports_memory_and_flops
     assert 0 < plan.mfu(result, topology) < 1
 
 
-def test_prefill_plan_says_decode_is_not_planned():
+def _independent_cache_bytes(cfg, batch: int, seq_len: int, num_draft: int, batch_split: int, head_split: int) -> int:
+    """Per-device KV cache bytes counted from the config alone: global layers hold seq_len slots,
+    SWA layers window + 1 + num_draft, the MTP heads window + 2 * num_draft; batch rows split
+    `batch_split` ways, kv heads `head_split` ways where that divides them."""
+    itemsize = np.dtype(cfg.dtype).itemsize
+    rows = batch // batch_split
+
+    def kv(slots, heads):
+        return rows * slots * (heads // head_split if heads % head_split == 0 else heads) * \
+            (cfg.qk_head_dim + cfg.v_head_dim) * itemsize
+
+    ring = cfg.sliding_window + 1 + num_draft
+    total = sum(kv(seq_len, cfg.global_kv_heads) if kind == "global" else kv(ring, cfg.swa_kv_heads)
+                for kind in cfg.layer_types)
+    total += rows * ring * 4  # int32 slot positions of the SWA rings
+    if num_draft:
+        mtp_ring = cfg.sliding_window + 2 * num_draft
+        total += cfg.num_mtp_heads * kv(mtp_ring, cfg.swa_kv_heads) + rows * mtp_ring * 4
+    return total
+
+
+def test_decode_and_verify_plans_compile_with_a_sharded_kv_cache(capsys):
+    # fsdp=2 x tensor=2: 2 sequences split over fsdp; the 2 SWA kv heads over tensor, the 1 global kv head not.
+    overrides = TINY + ["mesh.tensor=2"]
+    args = ["--config", "configs/tiny.yaml", "--topology", "v5e:2x2", "--mode", "decode", "--seq-len", "2048",
+            "--global-batch", "2", *overrides]
+    out = io.StringIO()
+    assert plan.main(args, out=out) == 0
+    text = out.getvalue()
+    for field in ("decode step; batch 2 x 1 token", "KV cache", "donated", "throughput:", "tokens/s", "ms per step",
+                  "model flops/token (hand)", "traced flops/token", "XLA estimate", "FITS"):
+        assert field in text, field
+    assert "optimizer state" not in text
+
+    cfg = load_config("configs/tiny.yaml", plan.DEFAULT_OVERRIDES + overrides)
+    topology = parse_topology("v5e:2x2")
+    result = plan.compile_plan(cfg, topology, "decode", 2048, 2, num_draft=3)
+    assert result.fits and result.error is None and result.mesh["tensor"] == 2
+    assert result.query_len == 4 and result.tokens == 8
+    assert result.cache_bytes == _independent_cache_bytes(cfg.model, 2, 2048, 3, batch_split=2, head_split=2)
+    assert result.params_bytes > 0 and result.opt_bytes == 0
+    # The cache is an argument, donated: its output aliases it (updated in place, not copied).
+    assert result.argument_bytes >= result.params_bytes + result.cache_bytes
+    assert result.alias_bytes >= result.cache_bytes
+    assert result.traced_flops["total"] > 0 and result.step_seconds > 0
+    low, high = result.tokens_per_second
+    assert high == pytest.approx(4 * low) and low == pytest.approx(2 / result.step_seconds)
+    assert any("drafting passes are not compiled" in note for note in result.notes)
+    text = io.StringIO()
+    plan.report(result, topology, text)
+    assert "verify step (3 drafts + 1)" in text.getvalue() and "1 to 4 tokens per verify step" in text.getvalue()
+
+
+def test_chunked_prefill_plan_compiles_the_last_chunk_into_the_cache():
     cfg = load_config("configs/tiny.yaml", plan.DEFAULT_OVERRIDES + TINY)
-    result = plan.compile_plan(cfg, parse_topology("v5e:2x2"), "prefill", 512, 1)
+    topology = parse_topology("v5e:2x2")
+    result = plan.compile_plan(cfg, topology, "prefill", 512, 1, prefill_chunk=128)
     assert result.fits and result.opt_bytes == 0
-    assert any("decode" in note for note in result.notes)
+    assert result.query_len == 128 and result.tokens == 128
     assert any("replicated" in note for note in result.notes)  # one sequence over 4 batch shards
+    # One sequence does not split over the batch shards: every device holds its whole cache.
+    assert result.cache_bytes == _independent_cache_bytes(cfg.model, 1, 512, 0, batch_split=1, head_split=1)
+    assert result.alias_bytes >= result.cache_bytes
+    assert result.hand == plan.hand_flops_per_token(cfg.model, 512, "prefill", 128)
+    out = io.StringIO()
+    plan.report(result, topology, out)
+    text = out.getvalue()
+    assert "prefill chunk; batch 1 x 128 tokens (positions 384..511" in text
+    assert "512-token prompt takes <= 4 chunks" in text
+
+
+def test_inference_cli_errors(capsys):
+    base = ["--config", "tiny", "--topology", "v5e:2x2", "--seq-len", "256"]
+    assert plan.main(base + ["--num-draft", "2"]) == 2
+    assert "needs --mode decode" in capsys.readouterr().err
+    assert plan.main(base + ["--mode", "decode", "--num-draft", "4"]) == 2
+    assert "--num-draft must be in 0..3" in capsys.readouterr().err
+    assert plan.main(base + ["--mode", "prefill", "--prefill-chunk", "512"]) == 2
+    assert "--prefill-chunk 512 must be in 1..--seq-len (256)" in capsys.readouterr().err
+    assert plan.main(base + ["--mode", "decode", "--prefill-chunk", "64"]) == 2
+    assert "--prefill-chunk needs --mode prefill" in capsys.readouterr().err
 
 
 def test_search_finds_a_fitting_plan_within_a_few_compiles():
@@ -141,12 +218,46 @@ def test_search_finds_a_fitting_plan_within_a_few_compiles():
     assert 1 <= len(rows) <= 2 and "| yes |" in rows[-1]
 
 
+def test_search_plans_decoding_a_single_sequence():
+    # One sequence on 4 devices: replicated over the batch shards, which inference accepts.
+    out = io.StringIO()
+    rc = plan.main(["--config", "configs/tiny.yaml", "--topology", "v5e:2x2", "--mode", "decode", "--seq-len", "1024",
+                    "--global-batch", "1", "--search", "--max-compiles", "1", *TINY], out=out)
+    text = out.getvalue()
+    assert rc == 0, text
+    rows = [line for line in text.splitlines() if re.match(r"\| \d+,\d+,\d+,\d+ \|", line)]
+    assert len(rows) == 1 and "| yes |" in rows[0]
+    assert "best found:" in text and "decode step; batch 1 x 1 token" in text and "tokens/s" in text
+
+
 def test_candidate_meshes_cover_the_chips_and_respect_the_expert_and_tensor_limits():
     meshes = plan.candidate_meshes(128, 256)
     assert all(math.prod(m.values()) == 128 for m in meshes)
     assert all(256 % m["expert"] == 0 and m["tensor"] in (1, 2, 4, 8) for m in meshes)
     assert meshes[0]["data"] == 1 and meshes[0]["tensor"] == 1
     assert len({tuple(m.values()) for m in meshes}) == len(meshes)
+    # Inference: no fsdp (it would gather every weight each step), the widest tensor axis first.
+    inference = plan.candidate_meshes(64, 256, "decode")
+    assert sorted(map(str, inference)) == sorted(map(str, plan.candidate_meshes(64, 256)))
+    assert inference[0] == {"data": 1, "fsdp": 1, "expert": 8, "tensor": 8}
+    assert [m["fsdp"] for m in inference[:4]] == [1, 1, 1, 1]
+
+
+def test_cache_shardings_follow_the_cache_rules():
+    from jax.sharding import PartitionSpec as P
+
+    cfg = load_config("configs/tiny.yaml", plan.DEFAULT_OVERRIDES + TINY + ["mesh.tensor=2", "sharding.cache_seq=[fsdp]"])
+    mesh = plan.build_mesh(cfg, parse_topology("v5e:2x2"))  # fsdp=2 x tensor=2
+    cache = plan.abstract_cache(cfg.model, 1, 1024, num_draft=2)
+    shardings = plan.cache_shardings(cache, mesh, cfg.sharding)
+    # [repeats, length, B, S, K, D]: one row cannot split over fsdp, so the sequence does; 1 global kv head stays whole.
+    assert shardings.layers["0/0"].k.spec == P(None, None, None, "fsdp")
+    swa = [key for key, kv in cache.layers.items() if kv.k.shape[3] != 1024]
+    assert swa and shardings.layers[swa[0]].k.spec == P(None, None, None, None, "tensor")  # a 35-slot ring
+    # The MTP heads' [heads, B, 36 slots, K, D] rings split their slots too (36 divides over fsdp); positions by batch.
+    assert shardings.mtp.k.spec == P(None, None, "fsdp", "tensor") and shardings.ring_positions.spec == P()
+    assert plan._bytes_per_device(cache, shardings) < plan._bytes_per_device(cache, jax.tree.map(
+        lambda s: jax.sharding.NamedSharding(mesh, P()), shardings))
 
 
 def test_hand_flops_formula():
@@ -161,3 +272,47 @@ def test_hand_flops_formula():
     assert hand["attention_flops"] == 6 * 64 * 320 * (9 * 32768 + 42 * 129)
     prefill = plan.hand_flops_per_token(cfg, 32768, "prefill")
     assert prefill["weight_flops"] == 2 * (counts["active"] - lm_head)
+    # The last 8192-token chunk of a 256k prompt: its queries see 262144 - 8191/2 global keys on average.
+    chunk = plan.hand_flops_per_token(cfg, 262144, "prefill", 8192)
+    assert chunk["attention_flops"] == 2 * 64 * 320 * (9 * 262144 + 39 * 129)
+    assert chunk["attention_flops_causal"] == 2 * 64 * 320 * (9 * (262144 - 8191 / 2) + 39 * 129)
+
+
+def _tiny_active_params(cfg) -> int:
+    """Active parameters of a token, counted by hand from the config: every main-model weight but
+    the input embedding and the experts a token skips (routers and their biases count)."""
+    d, h, dqk, dv = cfg.hidden_size, cfg.num_attention_heads, cfg.qk_head_dim, cfg.v_head_dim
+    total = d * cfg.vocab_size + d  # lm_head, final norm
+    for kind, mlp in zip(cfg.layer_types, cfg.mlp_types):
+        kv = cfg.global_kv_heads if kind == "global" else cfg.swa_kv_heads
+        total += 2 * d + d * h * dqk + d * kv * (dqk + dv) + h * dv * d  # norms, q, k, v, o
+        total += h if kind == "swa" else 0  # attention sinks (SWA layers only in tiny.yaml)
+        if mlp == "dense":
+            total += 3 * d * cfg.intermediate_size
+        else:
+            total += d * cfg.num_experts + cfg.num_experts  # router, bias
+            total += cfg.num_experts_per_token * 3 * d * cfg.moe_intermediate_size
+    return total
+
+
+def test_hand_flops_for_decoding_by_hand_on_the_tiny_config():
+    cfg = load_config("configs/tiny.yaml").model
+    # tiny.yaml: 8 layers, 3 global (kv 1) and 5 SWA (window 32); 4 heads of q/k 192, v 128; 16 experts, 4 active.
+    assert cfg.layer_types.count("global") == 3 and cfg.sliding_window == 32
+    active = _tiny_active_params(cfg)
+    from mimo_jax.params import count_params
+
+    assert active == count_params(cfg)["active"]
+    decode = plan.hand_flops_per_token(cfg, 1000, "decode", 1)
+    # Every decoded token needs its logits: 2 x all active params, lm_head included.
+    assert decode["weight_flops"] == 2 * active
+    # One query: 1000 keys in each global layer, 33 (window + itself) in each SWA layer; 2 * 4 * (192 + 128) per key.
+    assert decode["attention_flops"] == 2 * 4 * 320 * (3 * 1000 + 5 * 33)
+    assert decode["attention_flops_causal"] == decode["attention_flops"]
+    assert decode["total"] == 2 * active + 2 * 4 * 320 * (3 * 1000 + 5 * 33)
+    # A verify step of 4 tokens at positions 996..999 sees 997..1000 keys: 998.5 on average.
+    verify = plan.hand_flops_per_token(cfg, 1000, "decode", 4)
+    assert verify["attention_flops"] == decode["attention_flops"]
+    assert verify["attention_flops_causal"] == 2 * 4 * 320 * (3 * 998.5 + 5 * 33)
+    # A prefill skips the lm_head (logits at the last position only).
+    assert plan.hand_flops_per_token(cfg, 1000, "prefill", 100)["weight_flops"] == 2 * (active - 128 * 512)
