@@ -247,8 +247,15 @@ def load_checkpoint(workdir: str, step: int | None = None, model_cfg=None) -> Mi
     if model_cfg is None:
         saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
         model_cfg = from_dict(Config, saved).model
-    graphdef, params, rest = nnx.split(MiMoV2Flash(model_cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
-    target = {"params": params, "rest": rest}
+    from jax.sharding import SingleDeviceSharding
+
+    from mimo_jax.train_step import abstract_model_state
+
+    # An abstract target (nothing allocated or initialised), restored onto the default device.
+    graphdef, params, rest = abstract_model_state(model_cfg)
+    device = SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          {"params": params, "rest": rest})
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))["state"]
     manager.close()
