@@ -44,11 +44,15 @@ def held_out_prompts(workdir: str, count: int, prompt_tokens: int) -> list[list[
     raise SystemExit(f"{workdir}: fewer than {count} held-out documents of {prompt_tokens}+ tokens")
 
 
-def time_generate(model, prompts, new_tokens, **kwargs):
+def time_generate(model, prompts, new_tokens, repeats=3, **kwargs):
+    """(result, tokens/s): the median of `repeats` timed calls after a warm-up with the same shapes."""
     generate(model, prompts, new_tokens, **kwargs)  # warm-up: compiles for these shapes
-    start = time.perf_counter()
-    result = generate(model, prompts, new_tokens, **kwargs)
-    seconds = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = generate(model, prompts, new_tokens, **kwargs)
+        times.append(time.perf_counter() - start)
+    seconds = float(np.median(times))
     generated = int((result.lengths - np.array([len(p) for p in prompts])).sum())
     return result, generated / seconds
 
@@ -74,7 +78,7 @@ def time_transformers(model, prompts, new_tokens):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default="runs/tiny", help="a train.py workdir (the demo model)")
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--temperature", type=float, default=0.7, help="for the sampled rows")
@@ -88,8 +92,9 @@ def main(argv=None):
     model = load_checkpoint(args.workdir)
     batches = [int(b) for b in args.batches.split(",")]
     prompts = held_out_prompts(args.workdir, max(batches), args.prompt_tokens)
+    tokenizer = make_tokenizer(load_config(os.path.join(args.workdir, "config.yaml")).data)
     cpus = os.cpu_count()
-    rows, hist_rows = [], []
+    rows, hist_rows, samples = [], [], []
     for batch in batches:
         for label, sampling in (("greedy", {}), (f"T={args.temperature}", {"temperature": args.temperature})):
             plain, plain_tps = time_generate(model, prompts[:batch], args.new_tokens, **sampling)
@@ -97,6 +102,9 @@ def main(argv=None):
             same = "yes" if not sampling and np.array_equal(plain.tokens, spec.tokens) else ("-" if sampling else "NO")
             rows.append(f"| {batch} | {label} | {plain_tps:,.0f} | {spec_tps:,.0f} | {spec_tps / plain_tps:.2f}x | "
                         f"{spec.acceptance_length:.2f} | {same} |")
+            if batch == 1:
+                text = tokenizer.decode(spec.tokens[0, args.prompt_tokens:])
+                samples.append(f"- {label}: `{text[:160]!r}`")
             shares = spec.count_hist[1:] / spec.count_hist[1:].sum()
             hist_rows.append(f"| {batch} | {label} | " + " | ".join(f"{s:.2f}" for s in shares) + " |")
             print(rows[-1], flush=True)
@@ -109,7 +117,7 @@ def main(argv=None):
     num_draft = len(spec.count_hist) - 2
     table = "\n".join([
         f"Demo model `{args.workdir}`, {args.prompt_tokens}-token held-out prompts, {args.new_tokens} new tokens, "
-        f"{num_draft} drafts, jax {jax.__version__} on {cpus} CPU cores.",
+        f"{num_draft} drafts, jax {jax.__version__} on {cpus} CPU cores; tokens/s are medians of 3 timed runs.",
         "",
         "| batch | sampling | plain tok/s | speculative tok/s | speedup | acceptance length | same tokens |",
         "|---|---|---|---|---|---|---|",
@@ -120,6 +128,10 @@ def main(argv=None):
         "| batch | sampling | " + " | ".join(str(n) for n in range(1, num_draft + 2)) + " |",
         "|---|---|" + "---|" * (num_draft + 1),
         *hist_rows,
+        "",
+        "What the batch-1 speculative runs generated (first 160 characters):",
+        "",
+        *samples,
     ])
     print(table)
     if args.markdown:
