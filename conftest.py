@@ -10,3 +10,14 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """One process runs every test: drop each module's compiled programs so they do not pile up
+    (a full run once segfaulted inside an XLA compile after most of the suite)."""
+    yield
+    jax.clear_caches()
