@@ -187,20 +187,6 @@ def teacher_scorer(graphdef):
     return score
 
 
-def _load_model(path: str, model_cfg):
-    """A teacher: a train.py workdir (checkpoints/) or a HF checkpoint directory (config.json)."""
-    from mimo_jax.training import load_checkpoint
-
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        return load_checkpoint(path)
-    if os.path.isfile(os.path.join(path, "config.json")):
-        from mimo_jax.hf_io import load_hf
-
-        return load_hf(path, jnp.dtype(model_cfg.param_dtype))
-    raise ConfigError(f"mopd teacher {path!r}: neither a train.py workdir (checkpoints/) nor a HF directory "
-                      "(config.json)")
-
-
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -284,8 +270,13 @@ def train_mopd(cfg: Config, workdir: str, log=print) -> list[dict]:
     bias_fn = jax.jit(lambda p, r, loads: router_bias_step(graphdef, p, r, loads, tcfg.bias_update_rate),
                       out_shardings=(shardings["rest"], None))
     teachers = {}  # path -> (scorer, params sharded like the student's)
+    from mimo_jax.training import load_model
+
     for path in sorted(set(teachers_by_domain.values())):
-        teacher = _load_model(path, cfg.model)
+        try:
+            teacher = load_model(path, cfg.model.param_dtype)
+        except FileNotFoundError as e:
+            raise ConfigError(f"mopd teacher: {e}") from None
         t_graphdef, t_params = nnx.split(teacher)
         t_shardings = sharding.state_shardings(t_params, mesh, cfg.sharding)
         teachers[path] = (teacher_scorer(t_graphdef), jax.device_put(t_params, t_shardings))
@@ -371,8 +362,7 @@ def main(argv=None) -> int:
     accuracy per domain of each model (train.py workdirs or HF directories)."""
     import argparse
 
-    from mimo_jax.config import load_config
-    from mimo_jax.data import make_tokenizer
+    from mimo_jax.serving import load_served
 
     parser = argparse.ArgumentParser(prog="python -m mimo_jax.mopd", description=main.__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -387,10 +377,8 @@ def main(argv=None) -> int:
     domains = sorted({r["domain"] for r in records})
     print("| model | " + " | ".join(domains) + " |\n|---|" + "---|" * len(domains))
     for path in args.model:
-        cfg = load_config(os.path.join(path, "config.yaml")) if os.path.isfile(os.path.join(path, "config.yaml")) \
-            else load_config(path)
-        model = _load_model(path, cfg.model)
-        accuracy = domain_accuracy(model, make_tokenizer(cfg.data), records, args.max_new_tokens, rewards)
+        served = load_served(path)  # the model with its own tokenizer
+        accuracy = domain_accuracy(served.model, served.tokenizer, records, args.max_new_tokens, rewards)
         print(f"| {path} | " + " | ".join(f"{accuracy[d]:.3f}" for d in domains) + " |", flush=True)
     return 0
 

@@ -83,24 +83,21 @@ def load_served(path: str, dtype: str = "float32", name: str | None = None) -> S
 
     from mimo_jax.config import load_config
     from mimo_jax.data import HFTokenizer, check_tokenizer_fits, make_tokenizer
+    from mimo_jax.training import load_model
 
     path = os.path.abspath(path)
     name = name or os.path.basename(path.rstrip(os.sep)) or "mimo"
     if os.path.isfile(os.path.join(path, "config.json")):
-        from mimo_jax.hf_io import load_hf
-
         if not os.path.isfile(os.path.join(path, "tokenizer.json")):
             raise FileNotFoundError(f"{path}: no tokenizer.json next to config.json")
         tokenizer = HFTokenizer(path)
-        model = load_hf(path, dtype=jnp.dtype(dtype))
+        model = load_model(path, jnp.dtype(dtype))
         tokenizer_config = _read_tokenizer_config(path)
         add_bos = bool(tokenizer_config.get("add_bos_token", False)) and tokenizer.bos_id is not None
     elif os.path.isfile(os.path.join(path, "config.yaml")) and os.path.isdir(os.path.join(path, "checkpoints")):
-        from mimo_jax.training import load_checkpoint
-
         data_cfg = load_config(os.path.join(path, "config.yaml")).data
         tokenizer = make_tokenizer(data_cfg)
-        model = load_checkpoint(path)
+        model = load_model(path)
         add_bos = data_cfg.add_bos
         tokenizer_dir = os.path.dirname(tokenizer.path) if hasattr(tokenizer, "path") else None
         tokenizer_config = _read_tokenizer_config(tokenizer_dir) if tokenizer_dir else {}

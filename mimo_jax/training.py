@@ -262,6 +262,19 @@ def load_checkpoint(workdir: str, step: int | None = None, model_cfg=None) -> Mi
     return nnx.merge(graphdef, restored["params"], restored["rest"])
 
 
+def load_model(path: str, dtype=None) -> MiMoV2Flash:
+    """A train.py workdir's latest checkpoint (checkpoints/) or a Hugging Face checkpoint directory
+    (config.json, loaded in `dtype`, default bfloat16)."""
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return load_checkpoint(path)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        from mimo_jax.hf_io import load_hf
+
+        return load_hf(path, jnp.dtype(dtype or jnp.bfloat16))
+    raise FileNotFoundError(f"{path}: neither a train.py workdir (checkpoints/) nor a Hugging Face checkpoint "
+                            "directory (config.json)")
+
+
 def _bias_norm(rest) -> float:
     from mimo_jax.layers import RouterBias
 
