@@ -136,8 +136,13 @@ def evaluate(eval_fn, params, rest, cfg: Config, tokenizer, batch_sharding) -> f
     return float(np.mean(losses))
 
 
-def train(cfg: Config, workdir: str, log=print) -> list[dict]:
-    """Runs (or resumes) training; returns the per-step metric records of this invocation."""
+def train(cfg: Config, workdir: str, log=print, on_step=None) -> list[dict]:
+    """Runs (or resumes) training; returns the per-step metric records of this invocation.
+
+    `on_step(record)`, if given, is called on the main process after every step with that step's
+    record (the dict written to metrics.jsonl, with `eval_loss` on eval steps), e.g. to plot the
+    curves live in a notebook (notebooks/mimo_jax_colab.ipynb).
+    """
     distributed.initialize(cfg.distributed)
     os.makedirs(workdir, exist_ok=True)
     if distributed.is_main_process():
@@ -216,6 +221,8 @@ def train(cfg: Config, workdir: str, log=print) -> list[dict]:
                 metrics_file.flush()
                 if step % tcfg.log_every == 0 or step == tcfg.steps or "eval_loss" in record:
                     log(_progress_line(record, tcfg.steps))
+                if on_step is not None:
+                    on_step(record)
             if not math.isfinite(record["loss"]):
                 raise FloatingPointError(f"loss became {record['loss']} at step {step}; the last checkpoint is kept")
             save_now = step % tcfg.checkpoint_every == 0 or step == tcfg.steps or stop.signal is not None

@@ -81,7 +81,9 @@ def test_metrics_and_plot(tmp_path):
     from mimo_jax.training import train
 
     cfg = load_config("tiny", SMALL + ["train.steps=3", "train.checkpoint_every=1000", "train.eval_every=3"])
-    records = train(cfg, str(tmp_path), log=lambda _: None)
+    seen = []
+    records = train(cfg, str(tmp_path), log=lambda _: None, on_step=seen.append)
+    assert seen == records and [r["step"] for r in seen] == [1, 2, 3]  # the notebook's live-plot hook
     for key in ("loss", "lm", "mtp", "mtp_top1", "mtp_agree", "expert_load_imbalance", "router_bias_norm", "grad_norm",
                 "learning_rate", "tokens_per_second", "flops_per_second"):
         assert key in records[-1], key
