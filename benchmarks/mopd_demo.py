@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     accuracy = {line.split("|")[1].strip(): [float(x) for x in line.split("|")[2:-1]] for line in rows[2:]}
     best = [max(accuracy[f"{DEMO}/teacher_{d}"][i] for d in DOMAINS) for i in range(len(DOMAINS))]
     after = accuracy[f"{DEMO}/student_mopd"]
-    ratio = ", ".join(f"{d} {a / b:.0%}" for d, a, b in zip(DOMAINS, after, best))
+    ratio = ", ".join(f"{d} {a / b:.0%}" if b else f"{d} n/a (no teacher scores)" for d, a, b in zip(DOMAINS, after, best))
     summary = "\n".join([
         "| model | " + " | ".join(DOMAINS) + " |", "|---|---|---|",
         *(f"| {name} | " + " | ".join(f"{x:.3f}" for x in accuracy[path]) + " |"

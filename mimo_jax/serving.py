@@ -1059,12 +1059,12 @@ def main(argv=None) -> int:
     app.start()
     server = make_server(app, args.host, args.port)
     host, port = server.server_address[:2]
-    log(f"ready in {time.time() - start:.1f}s: serving '{served.name}' on http://{host}:{port}/v1")
 
     def stop(_signum, _frame):
         threading.Thread(target=server.shutdown, daemon=True).start()
 
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGTERM, stop)  # before "ready": a client may stop the server as soon as it reads that line
+    log(f"ready in {time.time() - start:.1f}s: serving '{served.name}' on http://{host}:{port}/v1")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
