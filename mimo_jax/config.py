@@ -322,6 +322,10 @@ class MOPDConfig:
     eps_low: float = 0.5
     eps_high: float = 2.0
     outcome_weight: float = 0.0  # alpha; needs a reward for every domain
+    # 0: the paper's token advantage on the sampled token only. K > 0: at each rollout position, the
+    # exact reverse KL over the teacher's top-K tokens plus one bucket for the rest of the vocabulary
+    # (K >= vocab: the full KL). Its expected gradient is the same; its variance is far lower.
+    teacher_top_k: int = 0
     eval_max_prompts: int = 200  # per domain
 
     def __post_init__(self):
@@ -335,6 +339,8 @@ class MOPDConfig:
             raise ConfigError(f"mopd: need 0 <= eps_low <= 1 <= eps_high, got {self.eps_low}, {self.eps_high}")
         if self.temperature <= 0:
             raise ConfigError(f"mopd.temperature must be > 0, got {self.temperature}")
+        if self.teacher_top_k < 0:
+            raise ConfigError(f"mopd.teacher_top_k must be >= 0, got {self.teacher_top_k}")
 
     def mapping(self, name: str) -> dict[str, str]:
         """`teachers` or `rewards` as {domain: value}."""

@@ -33,8 +33,14 @@ from flax import nnx
 from mimo_jax import distributed, sharding
 from mimo_jax.config import Config, ConfigError, MOPDConfig, to_dict
 
-# The per-token arrays a MOPD train step takes after input_ids and segment_ids, in this order.
+# The per-token arrays a MOPD train step takes after input_ids and segment_ids, in this order; the
+# top-k ones ([B, T, K]) only with mopd.teacher_top_k > 0.
 MOPD_INPUTS = ("completion_mask", "sample_logprobs", "teacher_logprobs", "teacher_argmax", "outcome_advantage")
+TOP_K_INPUTS = ("teacher_top_logprobs", "teacher_top_ids")
+
+
+def mopd_inputs(cfg: MOPDConfig) -> tuple[str, ...]:
+    return MOPD_INPUTS + (TOP_K_INPUTS if cfg.teacher_top_k else ())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,15 +96,30 @@ def resolve_reward(spec: str) -> Callable[[str, str, str], float]:
 # The objective (pure functions; tests/test_mopd.py checks them against numpy)
 
 
+def next_token_logprobs(logits_BTV):
+    """[B, T, V]: log p(. | < t), from the logits of position t - 1 (zeros at t = 0, which nothing
+    predicts)."""
+    logp_BTV = jax.nn.log_softmax(logits_BTV[:, :-1].astype(jnp.float32), axis=-1)
+    return jnp.concatenate([jnp.zeros_like(logp_BTV[:, :1]), logp_BTV], axis=1)
+
+
 def token_logprobs(logits_BTV, ids_BT):
-    """[B, T]: log p(ids[t] | < t) from the logits of position t - 1 (0 at t = 0), and the argmax
-    of position t - 1 (-1 at t = 0)."""
-    logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(logp_BTV[:, :-1], ids_BT[:, 1:, None], axis=-1)[..., 0]
+    """[B, T]: log p(ids[t] | < t) (0 at t = 0), and the argmax of position t - 1 (-1 at t = 0)."""
+    picked = jnp.take_along_axis(next_token_logprobs(logits_BTV), ids_BT[..., None], axis=-1)[..., 0]
     argmax = jnp.argmax(logits_BTV[:, :-1], axis=-1).astype(jnp.int32)
-    b = ids_BT.shape[0]
-    return (jnp.concatenate([jnp.zeros((b, 1), jnp.float32), picked], axis=1),
-            jnp.concatenate([jnp.full((b, 1), -1, jnp.int32), argmax], axis=1))
+    return picked, jnp.concatenate([jnp.full((ids_BT.shape[0], 1), -1, jnp.int32), argmax], axis=1)
+
+
+def top_k_reverse_kl(student_logp_BTV, teacher_top_logp_BTK, teacher_top_ids_BTK):
+    """[B, T]: KL(pi || pi_teacher) at each position over the teacher's top-K tokens plus one
+    bucket holding the rest of the vocabulary (no bucket when K covers it: then the full KL)."""
+    student_top_BTK = jnp.take_along_axis(student_logp_BTV, teacher_top_ids_BTK, axis=-1)
+    kl_BT = jnp.sum(jnp.exp(student_top_BTK) * (student_top_BTK - teacher_top_logp_BTK), axis=-1)
+    if teacher_top_ids_BTK.shape[-1] >= student_logp_BTV.shape[-1]:
+        return kl_BT
+    student_rest = jnp.clip(1.0 - jnp.exp(student_top_BTK).sum(-1), 0.0, 1.0)
+    teacher_rest = jnp.clip(1.0 - jnp.exp(teacher_top_logp_BTK).sum(-1), 1e-30, 1.0)
+    return kl_BT + jax.scipy.special.xlogy(student_rest, student_rest) - student_rest * jnp.log(teacher_rest)
 
 
 def importance_weights(student_logp_BT, sample_logp_BT, eps_low: float, eps_high: float):
@@ -116,13 +137,21 @@ def group_advantages(rewards_R, group_size: int, eps: float = 1e-6):
 
 
 def mopd_loss(student_logp_BT, completion_mask_BT, sample_logp_BT, teacher_logp_BT, outcome_advantage_BT,
-              cfg: MOPDConfig):
-    """(loss, per-row metrics) of eq. 7-9; rows without completion tokens do not count."""
+              cfg: MOPDConfig, position_kl_BT=None):
+    """(loss, per-row metrics) of eq. 7-9; rows without completion tokens do not count.
+
+    With `position_kl_BT` (the exact per-position reverse KL, mopd.teacher_top_k > 0) that KL
+    replaces the sampled token's distillation term at every kept position; the outcome term stays
+    on the sampled tokens."""
     mask = completion_mask_BT.astype(jnp.float32)
     w, kept = importance_weights(student_logp_BT, sample_logp_BT, cfg.eps_low, cfg.eps_high)
-    advantage = jax.lax.stop_gradient(teacher_logp_BT - student_logp_BT) + cfg.outcome_weight * outcome_advantage_BT
+    outcome = cfg.outcome_weight * outcome_advantage_BT
+    if position_kl_BT is None:
+        token_loss = -w * (jax.lax.stop_gradient(teacher_logp_BT - student_logp_BT) + outcome) * student_logp_BT
+    else:
+        token_loss = kept * position_kl_BT - w * outcome * student_logp_BT
     tokens_B = mask.sum(1)
-    per_row = -(w * advantage * student_logp_BT * mask).sum(1) / jnp.maximum(tokens_B, 1.0)
+    per_row = (token_loss * mask).sum(1) / jnp.maximum(tokens_B, 1.0)
     rows = (tokens_B > 0).astype(jnp.float32)
     loss = (per_row * rows).sum() / jnp.maximum(rows.sum(), 1.0)
     metrics = {
@@ -133,13 +162,17 @@ def mopd_loss(student_logp_BT, completion_mask_BT, sample_logp_BT, teacher_logp_
     return loss, metrics
 
 
-def mopd_objective(out, input_ids_BT, completion_mask_BT, sample_logp_BT, teacher_logp_BT, teacher_argmax_BT,
-                   outcome_advantage_BT, cfg: MOPDConfig):
-    """The train step's loss in mopd mode (see train_step.train_step_fn), from the model output."""
+def mopd_objective(out, input_ids_BT, inputs: dict, cfg: MOPDConfig):
+    """The train step's loss in mopd mode (see train_step.train_step_fn), from the model output and
+    the step's `mopd_inputs(cfg)` by name."""
     student_logp_BT, student_argmax_BT = token_logprobs(out.logits, input_ids_BT)
-    loss, metrics = mopd_loss(student_logp_BT, completion_mask_BT, sample_logp_BT, teacher_logp_BT,
-                              outcome_advantage_BT, cfg)
-    agree = (student_argmax_BT == teacher_argmax_BT) & (completion_mask_BT > 0)
+    position_kl_BT = None
+    if cfg.teacher_top_k:
+        position_kl_BT = top_k_reverse_kl(next_token_logprobs(out.logits), inputs["teacher_top_logprobs"],
+                                          inputs["teacher_top_ids"])
+    loss, metrics = mopd_loss(student_logp_BT, inputs["completion_mask"], inputs["sample_logprobs"],
+                              inputs["teacher_logprobs"], inputs["outcome_advantage"], cfg, position_kl_BT)
+    agree = (student_argmax_BT == inputs["teacher_argmax"]) & (inputs["completion_mask"] > 0)
     return loss, {**metrics, "mopd_loss": loss, "row_agree": agree.sum(1).astype(jnp.float32)}
 
 
@@ -177,12 +210,19 @@ def rollout_batch(model, tokenizer, records: Sequence[dict], cfg: MOPDConfig, se
     }
 
 
-def teacher_scorer(graphdef):
-    """jitted (params, ids, segment_ids) -> (log p(y_t), argmax at t - 1) for a teacher."""
+def teacher_scorer(graphdef, top_k: int = 0):
+    """jitted (params, ids, segment_ids) -> {name: array} for a teacher: log p(y_t) and the argmax
+    at t - 1, plus, with top_k, the log-probs and ids of its top_k next tokens at each position."""
 
     @jax.jit
     def score(params, ids_BT, segment_ids_BT):
-        return token_logprobs(nnx.merge(graphdef, params)(ids_BT, segment_ids_BT).logits, ids_BT)
+        logits = nnx.merge(graphdef, params)(ids_BT, segment_ids_BT).logits
+        logp, argmax = token_logprobs(logits, ids_BT)
+        scores = {"teacher_logprobs": logp, "teacher_argmax": argmax}
+        if top_k:
+            top_logp, top_ids = jax.lax.top_k(next_token_logprobs(logits), min(top_k, logits.shape[-1]))
+            scores.update(teacher_top_logprobs=top_logp, teacher_top_ids=top_ids.astype(jnp.int32))
+        return scores
 
     return score
 
@@ -279,7 +319,7 @@ def train_mopd(cfg: Config, workdir: str, log=print) -> list[dict]:
             raise ConfigError(f"mopd teacher: {e}") from None
         t_graphdef, t_params = nnx.split(teacher)
         t_shardings = sharding.state_shardings(t_params, mesh, cfg.sharding)
-        teachers[path] = (teacher_scorer(t_graphdef), jax.device_put(t_params, t_shardings))
+        teachers[path] = (teacher_scorer(t_graphdef, mcfg.teacher_top_k), jax.device_put(t_params, t_shardings))
         log(f"teacher {path} for domains {sorted(d for d, p in teachers_by_domain.items() if p == path)}")
 
     manager = _checkpoint_manager(workdir, tcfg.keep_checkpoints)
@@ -322,18 +362,16 @@ def train_mopd(cfg: Config, workdir: str, log=print) -> list[dict]:
             outcome = group_advantages(reward_R, mcfg.rollouts_per_prompt)
             ids = distributed.global_batch(batch["input_ids"], shardings["batch"])
             seg = distributed.global_batch(batch["segment_ids"], shardings["batch"])
-            teacher_logp = np.zeros(batch["input_ids"].shape, np.float32)
-            teacher_argmax = np.full(batch["input_ids"].shape, -1, np.int32)
-            for path, (score, t_params) in teachers.items():
-                logp, argmax = (np.asarray(x) for x in score(t_params, ids, seg))
-                mine = np.array([teachers_by_domain[d] == path for d in domains])
-                teacher_logp[mine], teacher_argmax[mine] = logp[mine], argmax[mine]
             extras = {"completion_mask": batch["completion_mask"], "sample_logprobs": batch["sample_logprobs"],
-                      "teacher_logprobs": teacher_logp, "teacher_argmax": teacher_argmax,
-                      "outcome_advantage": np.broadcast_to(outcome[:, None], teacher_logp.shape).copy()}
+                      "outcome_advantage": np.broadcast_to(outcome[:, None], batch["input_ids"].shape).copy()}
+            for path, (score, t_params) in teachers.items():  # each row keeps its own domain's teacher
+                mine = np.array([teachers_by_domain[d] == path for d in domains])
+                for name, value in score(t_params, ids, seg).items():
+                    value = np.asarray(value)
+                    extras.setdefault(name, np.zeros_like(value))[mine] = value[mine]
             params, opt_state, metrics = step_fn(
                 params, opt_state, rest, ids, seg,
-                *(distributed.global_batch(extras[name], shardings["batch"]) for name in MOPD_INPUTS))
+                *(distributed.global_batch(extras[name], shardings["batch"]) for name in mopd_inputs(mcfg)))
             rest, _ = bias_fn(params, rest, metrics["router"])
             row_metrics = {k: np.asarray(v) for k, v in metrics.items() if k.startswith("row_")}
             record = {"step": step, "loss": float(metrics["mopd_loss"]), "grad_norm": float(metrics["grad_norm"]),

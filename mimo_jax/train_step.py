@@ -58,20 +58,21 @@ def make_optimizer(train: TrainConfig, params) -> optax.GradientTransformation:
     return tx
 
 
-def extra_inputs(train: TrainConfig) -> int:
-    """How many [B, T] arrays a step takes after input_ids and segment_ids (mopd.MOPD_INPUTS)."""
+def extra_inputs(train: TrainConfig, mopd=None) -> tuple[str, ...]:
+    """The names of the per-token arrays ([B, T, ...]) a step takes after input_ids and segment_ids
+    (`mopd.mopd_inputs`, with `mopd` the MOPDConfig, in mopd mode)."""
     if train.mode == "mopd":
-        from mimo_jax.mopd import MOPD_INPUTS
+        from mimo_jax.mopd import mopd_inputs
 
-        return len(MOPD_INPUTS)
-    return 0
+        return mopd_inputs(mopd)
+    return ()
 
 
 def train_step_fn(graphdef, tx: optax.GradientTransformation, train: TrainConfig = TrainConfig(), mopd=None):
     """step(params, opt_state, rest, input_ids, segment_ids, *extras) -> (params, opt_state, metrics).
 
-    `extras` are the per-token inputs of `train.mode=mopd` (`mopd.MOPD_INPUTS`, with `mopd` its
-    MOPDConfig). With grad_accum_steps > 1 the batch is split into that many micro-batches whose
+    `extras` are the per-token inputs of `train.mode=mopd` (`extra_inputs(train, mopd)`, with `mopd`
+    its MOPDConfig). With grad_accum_steps > 1 the batch is split into that many micro-batches whose
     gradients are averaged before one optimizer update. metrics["router"] holds the router loads
     for `router_bias_step`.
     """
@@ -83,7 +84,7 @@ def train_step_fn(graphdef, tx: optax.GradientTransformation, train: TrainConfig
         elif train.mode == "mopd":
             from mimo_jax.mopd import mopd_objective
 
-            loss, metrics = mopd_objective(out, input_ids_BT, *extras, mopd)
+            loss, metrics = mopd_objective(out, input_ids_BT, dict(zip(extra_inputs(train, mopd), extras)), mopd)
         else:
             loss, metrics = lm_loss(out, input_ids_BT, segment_ids_BT, train.mtp_weight, train.balance_weight,
                                     train.z_loss_weight)
@@ -153,7 +154,7 @@ def sharded_train_step(graphdef, params, rest, tx, mesh: Mesh, rules: ShardingRu
     jitted = jax.jit(
         traced,
         in_shardings=(shardings["params"], shardings["opt_state"], shardings["rest"],
-                      *(shardings["batch"],) * (2 + extra_inputs(train))),
+                      *(shardings["batch"],) * (2 + len(extra_inputs(train, mopd)))),
         out_shardings=(shardings["params"], shardings["opt_state"], None),
         donate_argnums=(0, 1),
     )

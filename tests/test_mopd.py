@@ -1,5 +1,6 @@
 """Multi-teacher on-policy distillation (mimo_jax.mopd)."""
 
+import dataclasses
 import json
 import os
 
@@ -11,7 +12,8 @@ from flax import nnx
 
 from mimo_jax import MiMoV2Flash, load_config
 from mimo_jax.config import ConfigError, MOPDConfig
-from mimo_jax.mopd import group_advantages, load_prompts, mopd_loss, resolve_reward, token_logprobs
+from mimo_jax.mopd import (group_advantages, load_prompts, mopd_loss, next_token_logprobs, resolve_reward,
+                           token_logprobs, top_k_reverse_kl)
 
 def _numpy_mopd(student, mask, sample, teacher, outcome, eps_low, eps_high, alpha):
     ratio = np.exp(student - sample)
@@ -73,12 +75,45 @@ def test_reverse_kl_gradient_matches_the_analytic_one(small_overrides):
         logp = jax.nn.log_softmax(nnx.merge(graphdef, p)(rows[:1]).logits[0, len(context) - 1])
         return jnp.sum(jnp.exp(logp) * (logp - teacher_logp[:, -1]))
 
-    got, want = jax.grad(surrogate)(params), jax.grad(reverse_kl)(params)
-    flat_got, flat_want = jax.tree.leaves(got), jax.tree.leaves(want)
-    scale = max(float(jnp.abs(x).max()) for x in flat_want)
+    # mopd.teacher_top_k = vocab: the loss of any one rollout is that KL itself, no sum over y needed.
+    teacher_full = next_token_logprobs(teacher(rows[:1]).logits)
+    top_logp, top_ids = jax.lax.top_k(teacher_full, 6)
+
+    def top_k_loss(p):
+        logits = nnx.merge(graphdef, p)(rows[:1]).logits
+        logp, _ = token_logprobs(logits, rows[:1])
+        position_kl = top_k_reverse_kl(next_token_logprobs(logits), top_logp, top_ids)
+        return mopd_loss(logp, mask[:1], jax.lax.stop_gradient(logp), teacher_logp[:1], jnp.zeros((1, rows.shape[1])),
+                         dataclasses.replace(mopd_cfg, teacher_top_k=6), position_kl)[0]
+
+    want = jax.grad(reverse_kl)(params)
+    scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(want))
     assert scale > 1e-4
-    for g, w in zip(flat_got, flat_want):
-        np.testing.assert_allclose(g, w, atol=1e-5 * scale)
+    for got in (jax.grad(surrogate)(params), jax.grad(top_k_loss)(params)):
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(g, w, atol=1e-5 * scale)
+    np.testing.assert_allclose(top_k_loss(params), reverse_kl(params), rtol=1e-5)
+
+
+def test_top_k_reverse_kl_lumps_the_rest_of_the_vocabulary():
+    """KL between the two distributions coarse-grained to {the teacher's top K tokens, the rest};
+    with K = vocab it is the full KL."""
+    rng = np.random.default_rng(1)
+    b, t, v, k = 2, 3, 9, 4
+    student = np.log(rng.dirichlet(np.ones(v), (b, t))).astype(np.float32)
+    teacher = np.log(rng.dirichlet(np.ones(v), (b, t))).astype(np.float32)
+    top_ids = np.argsort(-teacher, -1)[..., :k]
+    top_teacher = np.take_along_axis(teacher, top_ids, -1)
+    s_top = np.exp(np.take_along_axis(student, top_ids, -1))
+    s_rest, t_rest = 1 - s_top.sum(-1), 1 - np.exp(top_teacher).sum(-1)
+    want = (s_top * (np.log(s_top) - top_teacher)).sum(-1) + s_rest * (np.log(s_rest) - np.log(t_rest))
+    got = top_k_reverse_kl(jnp.asarray(student), jnp.asarray(top_teacher), jnp.asarray(top_ids, jnp.int32))
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    all_ids = np.argsort(-teacher, -1)
+    full = top_k_reverse_kl(jnp.asarray(student), jnp.asarray(np.take_along_axis(teacher, all_ids, -1)),
+                            jnp.asarray(all_ids, jnp.int32))
+    np.testing.assert_allclose(full, (np.exp(student) * (student - teacher)).sum(-1), rtol=1e-4, atol=1e-6)
+    assert np.all(np.asarray(got) < np.asarray(full) + 1e-6)  # coarse-graining never raises a KL
 
 
 def test_prompts_and_rewards_are_checked(tmp_path):
@@ -112,7 +147,8 @@ def test_train_py_mopd_end_to_end(tmp_path, small_overrides):
             "train.eval_every=0", "train.checkpoint_every=2", f"train.init_from={teacher}"]
     student = str(tmp_path / "student")
     main(["--config", "tiny", "--workdir", student, *mopd, "train.steps=2"])
-    main(["--config", "tiny", "--workdir", student, *mopd, "train.steps=3"])
+    # The resume also switches to the top-k KL (its inputs are [B, T, K]); the state is the same.
+    main(["--config", "tiny", "--workdir", student, *mopd, "train.steps=3", "mopd.teacher_top_k=8"])
     lines = [json.loads(line) for line in open(os.path.join(student, "metrics.jsonl"))]
     assert [r["step"] for r in lines] == [0, 1, 2, 3]
     assert set(lines[0]["eval_accuracy"]) == {"add", "echo"} and "eval_accuracy" in lines[-1]
