@@ -9,11 +9,13 @@ from flax import nnx
 from mimo_jax import MiMoV2Flash, load_config
 from mimo_jax.layers import apply_rope
 from mimo_jax.model import positions_from_segments
+from tests.conftest import SMALL_OVERRIDES
 
 
-@pytest.fixture
-def model(small_overrides):
-    return MiMoV2Flash(load_config("tiny", small_overrides).model, rngs=nnx.Rngs(0))
+@pytest.fixture(scope="module")
+def model():
+    """Shared: the tests only read it."""
+    return MiMoV2Flash(load_config("tiny", list(SMALL_OVERRIDES)).model, rngs=nnx.Rngs(0))
 
 
 def _np_rmsnorm(x, w, eps):
@@ -118,6 +120,9 @@ def test_compiled_program_does_not_grow_with_depth(small_overrides):
     assert hlo_size(48) < 1.05 * hlo_size(24)
 
 
+_NO_REMAT_GRADS = {}
+
+
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_policies_give_the_same_gradients(small_overrides, remat):
     def grads(policy):
@@ -128,5 +133,7 @@ def test_remat_policies_give_the_same_gradients(small_overrides, remat):
         assert bool(re.search(r"remat|checkpoint", str(jax.make_jaxpr(grad_fn)(params)))) == (policy != "none")
         return jax.tree.leaves(grad_fn(params))
 
-    for got, want in zip(grads(remat), grads("none")):
+    if "none" not in _NO_REMAT_GRADS:  # the same reference for every policy: computed once
+        _NO_REMAT_GRADS["none"] = grads("none")
+    for got, want in zip(grads(remat), _NO_REMAT_GRADS["none"]):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * float(np.abs(want).max()))

@@ -49,9 +49,11 @@ def test_notebook_runs_top_to_bottom_on_cpu(tmp_path, monkeypatch):
     nb.cells.insert(tagged[0] + 1, injected)
 
     # The kernel inherits this environment: the CPU only (libtpu is installed for the AOT tests, and
-    # would otherwise probe for a TPU), one device rather than conftest's 8.
+    # would otherwise probe for a TPU), one device rather than conftest's 8, programs compiled for
+    # compile time rather than speed (as in tests/test_docs.py: a tiny model, a few steps).
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0 "
+                                    "--xla_llvm_disable_expensive_passes=true")
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     client = NotebookClient(nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": ROOT}})
     try:

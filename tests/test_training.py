@@ -11,6 +11,8 @@ import time
 
 import numpy as np
 
+from tests.conftest import COMPILE_CACHE_DIR
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = [
     "model.vocab_size=259", "model.hidden_size=32", "model.num_layers=3", "model.layer_types=[global, swa, swa]",
@@ -28,7 +30,13 @@ def _train_cmd(workdir, *overrides):
 
 
 def _env():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    # Every train.py process here runs the same programs: compiled once, by the first (the cache), and
+    # for compile time rather than speed (as in tests/test_distributed.py: both sides of each
+    # comparison run the same program).
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=COMPILE_CACHE_DIR,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0 "
+                         "--xla_llvm_disable_expensive_passes=true")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
