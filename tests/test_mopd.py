@@ -86,10 +86,10 @@ def test_reverse_kl_gradient_matches_the_analytic_one(small_overrides):
         return mopd_loss(logp, mask[:1], jax.lax.stop_gradient(logp), teacher_logp[:1], jnp.zeros((1, rows.shape[1])),
                          dataclasses.replace(mopd_cfg, teacher_top_k=6), position_kl)[0]
 
-    want = jax.grad(reverse_kl)(params)
+    want = jax.jit(jax.grad(reverse_kl))(params)
     scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(want))
     assert scale > 1e-4
-    for got in (jax.grad(surrogate)(params), jax.grad(top_k_loss)(params)):
+    for got in (jax.jit(jax.grad(surrogate))(params), jax.jit(jax.grad(top_k_loss))(params)):
         for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_allclose(g, w, atol=1e-5 * scale)
     np.testing.assert_allclose(top_k_loss(params), reverse_kl(params), rtol=1e-5)
