@@ -11,6 +11,8 @@ import jax  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")
 
+import mimo_jax  # noqa: E402,F401  (keeps libtpu quiet for the kernel tests too: mimo_jax/libtpu_setup.py)
+
 
 import pytest  # noqa: E402
 

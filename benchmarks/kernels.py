@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+import mimo_jax  # noqa: E402,F401  (keeps libtpu quiet on a machine without a TPU)
 from kernels_pallas.gmm import gmm  # noqa: E402
 from kernels_pallas.swa_attention import _default_block_q, swa_attention, visited_blocks  # noqa: E402
 from kernels_pallas.tpu_aot import compile_for_tpu, pallas_kernels  # noqa: E402

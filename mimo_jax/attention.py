@@ -1,9 +1,11 @@
 """The attention seam: every attention call in the model goes through `attention()`.
 
-`impl="xla"` is the pure-JAX reference (`kernels_pallas.swa_attention_reference`); `impl="pallas"`
-is the block-sparse flash kernel (`kernels_pallas.swa_attention`). Both take the same arguments,
-so switching is a config change (`model.attention_impl`). Under a mesh (`sharding.activate`) the
-kernel runs per device with shard_map: batch over the batch axes, heads over the tensor axis.
+`impl="xla"` is plain XLA: block-local attention (`mimo_jax.blocked_attention`, work T·W) for
+self-attention, the dense reference (`kernels_pallas.swa_attention_reference`) for anything else.
+`impl="dense"` is always the dense reference; `impl="pallas"` is the block-sparse flash kernel
+(`kernels_pallas.swa_attention`). All take the same arguments, so switching is a config change
+(`model.attention_impl`). Under a mesh (`sharding.activate`) XLA partitions the XLA paths itself;
+the kernel runs per device with shard_map: batch over the batch axes, heads over the tensor axis.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from kernels_pallas.swa_attention import swa_attention
-from kernels_pallas.swa_attention_reference import attention_mask, swa_attention_reference
+from kernels_pallas.swa_attention_reference import attention_mask, default_positions, swa_attention_reference
 from mimo_jax import sharding
+from mimo_jax.blocked_attention import blocked_attention
 
 __all__ = ["attention", "attention_mask"]
 
@@ -28,9 +31,21 @@ def attention(q_BTHD, k_BSKD, v_BSKV, sinks_H, *, window, q_positions, kv_positi
     `window` is the number of previous positions each query sees besides itself. `segment_ids`
     is one [B, T] array when queries and keys are the same tokens, else a (q [B,T], kv [B,S]) pair.
     `interpret` only matters for the Pallas kernel (True on CPU, False when compiling for TPU).
+
+    With `impl="xla"`, a caller asserts self-attention (the blocked path's contract: the same T
+    tokens as queries and keys, positions increasing inside each segment) by passing the same
+    object as `q_positions` and `kv_positions` (or None for both) and one `segment_ids` array or
+    None; cached calls pass the cache's own key positions and get the dense reference.
     """
     kwargs = dict(window=window, q_positions=q_positions, kv_positions=kv_positions, segment_ids=segment_ids)
     if impl == "xla":
+        b, t = q_BTHD.shape[:2]
+        if q_positions is kv_positions and k_BSKD.shape[1] == t and not isinstance(segment_ids, (tuple, list)):
+            positions_BT, _ = default_positions(q_positions, kv_positions, b, t, t)
+            return blocked_attention(q_BTHD, k_BSKD, v_BSKV, sinks_H, window=window, positions_BT=positions_BT,
+                                     segment_ids_BT=segment_ids)
+        return swa_attention_reference(q_BTHD, k_BSKD, v_BSKV, sinks_H, **kwargs)
+    if impl == "dense":
         return swa_attention_reference(q_BTHD, k_BSKD, v_BSKV, sinks_H, **kwargs)
     if impl == "pallas":
         kernel = functools.partial(swa_attention, interpret=interpret)

@@ -25,8 +25,10 @@ SWA = "swa"
 DENSE = "dense"
 MOE = "moe"
 
-ATTENTION_IMPLS = ("xla", "pallas")
-MOE_IMPLS = ("ragged_dot", "pallas", "dense")
+# "auto" is the Pallas kernel where Pallas TPU kernels compile (a TPU, or model.kernel_mode=mosaic
+# for ahead-of-time TPU compiles) and the fast XLA path everywhere else (ModelConfig.resolved_*_impl).
+ATTENTION_IMPLS = ("auto", "xla", "dense", "pallas")
+MOE_IMPLS = ("auto", "xla", "ragged_dot", "pallas", "dense")
 KERNEL_MODES = ("auto", "mosaic", "interpret")
 REMAT_MODES = ("none", "full", "dots", "dots_saveable")
 
@@ -90,8 +92,12 @@ class ModelConfig:
     pad_token_id: int | None = 151643
     param_dtype: str = "float32"
     dtype: str = "bfloat16"
-    attention_impl: str = "xla"
-    moe_impl: str = "ragged_dot"
+    # Attention: "xla" is block-local (work grows as T*W for sliding windows) where queries and keys
+    # are the same tokens, else dense; "dense" is the full [T, S] reference; "pallas" the TPU kernel.
+    attention_impl: str = "auto"
+    # Grouped expert matmul: "xla" loops over row tiles (`mimo_jax.blocked_gmm`), "ragged_dot" is
+    # jax.lax.ragged_dot, "pallas" the TPU kernel, "dense" runs every expert on every token.
+    moe_impl: str = "auto"
     # Expert parallelism: slots per (device, expert shard) as a multiple of the even share of
     # token choices; 0 means dropless (every choice fits, the default).
     moe_capacity_factor: float = 0.0
@@ -151,10 +157,29 @@ class ModelConfig:
     @property
     def pallas_interpret(self) -> bool:
         if self.kernel_mode == "auto":
+            return not self.compiles_mosaic
+        return self.kernel_mode == "interpret"
+
+    @property
+    def compiles_mosaic(self) -> bool:
+        """Whether Pallas TPU kernels compile here: on a TPU, or for one ahead of time (mosaic)."""
+        if self.kernel_mode == "auto":
             import jax  # the config module itself stays importable without initialising a backend
 
-            return jax.default_backend() == "cpu"
-        return self.kernel_mode == "interpret"
+            return jax.default_backend() == "tpu"
+        return self.kernel_mode == "mosaic"
+
+    @property
+    def resolved_attention_impl(self) -> str:
+        if self.attention_impl == "auto":
+            return "pallas" if self.compiles_mosaic else "xla"
+        return self.attention_impl
+
+    @property
+    def resolved_moe_impl(self) -> str:
+        if self.moe_impl == "auto":
+            return "pallas" if self.compiles_mosaic else "xla"
+        return self.moe_impl
 
     @property
     def rotary_dim(self) -> int:

@@ -94,7 +94,7 @@ class Attention(nnx.Module):
         self.window = cfg.window(layer_type)
         self.rotary_dim = cfg.rotary_dim
         self.value_scale = cfg.attention_value_scale
-        self.impl = cfg.attention_impl
+        self.impl = cfg.resolved_attention_impl
         self.interpret = cfg.pallas_interpret
 
     def __call__(self, x_BTD, positions_BT, segment_ids_BT=None, cache=None, step=None):
@@ -112,7 +112,7 @@ class Attention(nnx.Module):
             else:
                 # The ring's order keys wrap and hold hidden slots: outside the kernel's static bound.
                 cache, k_BTKD, v_BTKV, kv_positions = kv_cache.ring_attend(cache, step, positions_BT, k_BTKD, v_BTKV)
-                impl = "xla"
+                impl = "dense"
         out_BTHV = attention_ops.attention(
             q_BTHD, k_BTKD, v_BTKV, None if self.sinks is None else self.sinks[...],
             window=self.window, q_positions=positions_BT, kv_positions=kv_positions,

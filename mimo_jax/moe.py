@@ -1,8 +1,9 @@
 """Mixture of experts: fp32 sigmoid router with a selection-only bias, dropless sorted dispatch.
 
-The grouped matmul is the seam (`grouped_matmul`): `moe_impl="ragged_dot"` uses
-`jax.lax.ragged_dot`, `moe_impl="pallas"` the Pallas `kernels_pallas.gmm` kernel (tgmm for the weight
-gradient). `moe_impl="dense"` is the simple reference that runs every expert on every token.
+The grouped matmul is the seam (`grouped_matmul`): `moe_impl="xla"` loops over row tiles
+(`mimo_jax.blocked_gmm`, the default off TPU), `moe_impl="pallas"` uses the Pallas
+`kernels_pallas.gmm` kernel (tgmm for the weight gradient, the default on TPU), `moe_impl="ragged_dot"`
+`jax.lax.ragged_dot`. `moe_impl="dense"` is the simple reference that runs every expert on every token.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 from kernels_pallas.gmm import gmm
 from kernels_pallas.gmm_reference import gmm_reference
 from mimo_jax import sharding
+from mimo_jax.blocked_gmm import blocked_gmm
 from mimo_jax.config import ModelConfig
 from mimo_jax.layers import RouterBias, make_param
 
@@ -65,8 +67,10 @@ def route(x_ND, router_DE, bias_E, cfg: ModelConfig):
     return weights_Nk * cfg.routed_scaling_factor, experts_Nk.astype(jnp.int32), scores_NE
 
 
-def grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G, impl: str = "ragged_dot", interpret=False):
+def grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G, impl: str = "xla", interpret=False):
     """Rows of `lhs` sorted by group; rows of group g are multiplied by `rhs[g]`. fp32 accumulate."""
+    if impl == "xla":
+        return blocked_gmm(lhs_MK, rhs_GKN, group_sizes_G)
     if impl == "ragged_dot":
         return gmm_reference(lhs_MK, rhs_GKN, group_sizes_G)
     if impl == "pallas":
@@ -82,7 +86,7 @@ def _expert_ffn(xs_MD, group_sizes_E, w_gate_EDI, w_up_EDI, w_down_EID, impl, in
     return matmul(jax.nn.silu(matmul(xs_MD, w_gate_EDI)) * matmul(xs_MD, w_up_EDI), w_down_EID)
 
 
-def experts_sorted(x_ND, weights_Nk, experts_Nk, w_gate_EDI, w_up_EDI, w_down_EID, impl="ragged_dot", interpret=False):
+def experts_sorted(x_ND, weights_Nk, experts_Nk, w_gate_EDI, w_up_EDI, w_down_EID, impl="xla", interpret=False):
     """Dropless dispatch: sort (token, choice) pairs by expert, grouped matmuls, unsort, combine."""
     n, k = experts_Nk.shape
     flat_experts = experts_Nk.reshape(-1)
@@ -208,13 +212,14 @@ class MoE(nnx.Module):
         weights_BTk, experts_BTk, scores_BTE = route(x_BTD.reshape(b * t, d), self.router[...], self.bias[...], self.cfg)
         weights_BTk, experts_BTk = weights_BTk.reshape(b, t, -1), experts_BTk.reshape(b, t, -1)
         stats = router_stats(scores_BTE.reshape(b, t, -1), experts_BTk, self.cfg.num_experts)
-        if self.cfg.moe_impl != "dense" and sharding.active() is not None:
+        impl = self.cfg.resolved_moe_impl
+        if impl != "dense" and sharding.active() is not None:
             return self._sharded(x_BTD, weights_BTk, experts_BTk, *w), stats
         x_ND, weights, experts = x_BTD.reshape(b * t, d), weights_BTk.reshape(b * t, -1), experts_BTk.reshape(b * t, -1)
-        if self.cfg.moe_impl == "dense":
+        if impl == "dense":
             y_ND = experts_dense(x_ND, weights, experts, *w)
         else:
-            y_ND = experts_sorted(x_ND, weights, experts, *w, impl=self.cfg.moe_impl, interpret=self.cfg.pallas_interpret)
+            y_ND = experts_sorted(x_ND, weights, experts, *w, impl=impl, interpret=self.cfg.pallas_interpret)
         return y_ND.reshape(b, t, d), stats
 
     def _sharded(self, x_BTD, weights_BTk, experts_BTk, w_gate, w_up, w_down):
@@ -235,7 +240,7 @@ class MoE(nnx.Module):
             y_ND = experts_expert_parallel(
                 x_btd.reshape(-1, d), weights_btk.reshape(-1, k), experts_btk.reshape(-1, k), w_gate, w_up, w_down,
                 num_experts=cfg.num_experts, shards=shards, capacity=capacity, tensor_split=tensor is not None,
-                impl=cfg.moe_impl, interpret=cfg.pallas_interpret,
+                impl=cfg.resolved_moe_impl, interpret=cfg.pallas_interpret,
                 emulate_ragged=mesh.devices.flat[0].platform == "cpu",
             )
             return y_ND.reshape(x_btd.shape)

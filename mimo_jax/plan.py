@@ -35,13 +35,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import re
 import sys
 import time
 from collections.abc import Sequence
-
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 GIB = 2**30
 
@@ -287,7 +284,12 @@ def jaxpr_flops(jaxpr) -> dict[str, float]:
     """
     from jax.extend.core import jaxprs_in_params
 
+    from mimo_jax.blocked_gmm import useful_flops
+
     totals = {"matmul": 0.0, "pallas": 0.0}
+
+    def grouped_flops(eqn):  # the tiled grouped-matmul loops count their dropless work
+        return useful_flops(eqn.params["name"], eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape)
 
     def walk(jaxpr, times):
         for eqn in jaxpr.eqns:
@@ -300,6 +302,11 @@ def jaxpr_flops(jaxpr) -> dict[str, float]:
             elif name == "pallas_call":
                 cost = eqn.params.get("cost_estimate")
                 totals["pallas"] += times * (cost.flops if cost is not None else 0.0)
+            elif name == "ragged_dot_general":
+                lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
+                totals["matmul"] += times * 2.0 * math.prod(eqn.outvars[0].aval.shape) * lhs[-1]
+            elif name in ("pjit", "jit") and grouped_flops(eqn) is not None:
+                totals["matmul"] += times * grouped_flops(eqn)
             elif name == "scan":
                 walk(eqn.params["jaxpr"].jaxpr, times * eqn.params["length"])
             elif name == "cond":  # the costliest branch

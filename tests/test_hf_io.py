@@ -19,7 +19,7 @@ def _flat(model):
     return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
 
 
-@pytest.mark.parametrize("moe_impl", ["ragged_dot", "dense"])
+@pytest.mark.parametrize("moe_impl", ["auto", "dense"])
 @pytest.mark.parametrize("fixture", FIXTURES)
 def test_logits_match_transformers_golden(fixture, moe_impl):
     path = os.path.join(GOLDEN_DIR, fixture)
