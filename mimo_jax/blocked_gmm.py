@@ -86,14 +86,19 @@ def _tgmm_loop(lhs_MK, rhs_MN, plan: VisitPlan, block: int, num_groups: int):
     return jax.lax.fori_loop(0, plan.visit_counts[0], visit, init)
 
 
-def useful_flops(call_name: str, lhs_shape, out_shape) -> float | None:
+def useful_flops(call_name: str, in_shapes, out_shapes) -> float | None:
     """The dropless matmul flops (2 M K N; padding and straddled tiles not counted) of a named call
-    to one of this module's loops, from its lhs [M, K] and output ([M, N] or [G, K, N]) shapes;
-    None for any other call."""
-    if call_name not in (_gmm_loop.__name__, _tgmm_loop.__name__):
+    to one of this module's loops, from its input and output shapes; None for any other call, or
+    for a call whose signature a transformation changed (then a jaxpr walk counts what it sees)."""
+    gmm, tgmm = call_name == _gmm_loop.__name__, call_name == _tgmm_loop.__name__
+    if not (gmm or tgmm) or len(in_shapes) < 2 or not out_shapes:
         return None
-    (m, k), n = lhs_shape, out_shape[-1]
-    return 2.0 * m * k * n
+    lhs, rhs, out = in_shapes[0], in_shapes[1], out_shapes[0]
+    if gmm and len(lhs) == 2 and len(rhs) == 3 and len(out) == 2 and out[0] == lhs[0]:
+        return 2.0 * lhs[0] * lhs[1] * out[1]
+    if tgmm and len(lhs) == 2 and len(rhs) == 2 and len(out) == 3 and out[1:] == (lhs[1], rhs[1]):
+        return 2.0 * lhs[0] * lhs[1] * rhs[1]
+    return None
 
 
 def _plan(group_sizes_G, num_rows: int, block: int) -> VisitPlan:

@@ -110,7 +110,8 @@ class Attention(nnx.Module):
             if self.window is None:
                 cache, k_BTKD, v_BTKV, kv_positions = kv_cache.global_attend(cache, step, k_BTKD, v_BTKV)
             else:
-                # The ring's order keys wrap and hold hidden slots: outside the kernel's static bound.
+                # The ring's order keys wrap and hold hidden slots: outside the kernel's static bound
+                # and the blocked XLA path's contract, so the dense reference.
                 cache, k_BTKD, v_BTKV, kv_positions = kv_cache.ring_attend(cache, step, positions_BT, k_BTKD, v_BTKV)
                 impl = "dense"
         out_BTHV = attention_ops.attention(

@@ -289,7 +289,8 @@ def jaxpr_flops(jaxpr) -> dict[str, float]:
     totals = {"matmul": 0.0, "pallas": 0.0}
 
     def grouped_flops(eqn):  # the tiled grouped-matmul loops count their dropless work
-        return useful_flops(eqn.params["name"], eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape)
+        shapes = lambda xs: [tuple(getattr(x.aval, "shape", ())) for x in xs]  # noqa: E731
+        return useful_flops(eqn.params.get("name", ""), shapes(eqn.invars), shapes(eqn.outvars))
 
     def walk(jaxpr, times):
         for eqn in jaxpr.eqns:

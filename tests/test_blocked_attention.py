@@ -18,7 +18,8 @@ def _inputs(seed, b, t, h, kv, dqk, dv, sinks, packed):
     """numpy-made inputs (no eager JAX ops to compile); packed rows hold several segments whose
     boundaries fall anywhere, with positions counting from 0 in each (as `positions_from_segments`)."""
     r = np.random.RandomState(seed)
-    arrays = [r.randn(*shape).astype(np.float32) for shape in [(b, t, h, dqk), (b, t, kv, dqk), (b, t, kv, dv), (b, t, h, dv)]]
+    shapes = [(b, t, h, dqk), (b, t, kv, dqk), (b, t, kv, dv), (b, t, h, dv)]
+    arrays = [r.randn(*shape).astype(np.float32) for shape in shapes]
     q, k, v, ct = map(jnp.asarray, arrays)
     s = jnp.asarray(2 * r.randn(h).astype(np.float32)) if sinks else None
     if not packed:
@@ -64,7 +65,8 @@ def test_blocked_equals_the_dense_reference_in_values_and_gradients(t, window, b
             return blocked_attention(q, k, v, s, window=window, positions_BT=pos, segment_ids_BT=seg, block_size=block)
 
         def dense(q, k, v, s):
-            return swa_attention_reference(q, k, v, s, window=window, q_positions=pos, kv_positions=pos, segment_ids=seg)
+            return swa_attention_reference(q, k, v, s, window=window, q_positions=pos, kv_positions=pos,
+                                           segment_ids=seg)
 
         return _value_and_grads(blocked, q, k, v, s, ct), _value_and_grads(dense, q, k, v, s, ct)
 
@@ -82,7 +84,8 @@ def test_xla_impl_is_blocked_for_self_attention_and_dense_for_a_cache():
     @fast_jit
     def calls(q, k, v, s, ct, pos, seg):
         def dense(q, k, v, s):
-            return swa_attention_reference(q, k, v, s, window=window, q_positions=pos, kv_positions=pos, segment_ids=seg)
+            return swa_attention_reference(q, k, v, s, window=window, q_positions=pos, kv_positions=pos,
+                                           segment_ids=seg)
 
         self_attention = _value_and_grads(lambda *a: xla(*a, pos, seg=seg), q, k, v, s, ct)
         # Queries against a longer cache are not self-attention: the dense reference answers them.
@@ -127,7 +130,8 @@ def test_forward_and_backward_never_build_a_t_by_t_array(window, block):
         return jax.make_jaxpr(lambda q, k, v, s: jax.vjp(fn, q, k, v, s)[1](ct))(q, k, v, s).jaxpr
 
     blocked = grads(lambda q, k, v, s: blocked_attention(q, k, v, s, window=window, positions_BT=pos, block_size=block))
-    dense = grads(lambda q, k, v, s: swa_attention_reference(q, k, v, s, window=window, q_positions=pos, kv_positions=pos))
+    dense = grads(lambda q, k, v, s: swa_attention_reference(q, k, v, s, window=window, q_positions=pos,
+                                                             kv_positions=pos))
     assert _max_square_dim(dense) >= t  # the walk does see the dense path's scores
     assert _max_square_dim(blocked) <= 128
 

@@ -85,3 +85,13 @@ def test_default_block_and_bad_arguments():
         blocked_gmm(lhs, rhs, jnp.zeros(G, jnp.float32))
     with pytest.raises(ValueError, match="integers of shape"):
         blocked_gmm(lhs, rhs, jnp.zeros(G + 1, jnp.int32))
+
+
+def test_a_traced_step_counts_the_loops_as_their_dropless_work():
+    """jaxpr_flops (training's flops_per_second) sees each loop's 2 M K N, forward and both gradients."""
+    from mimo_jax.plan import jaxpr_flops
+
+    lhs, rhs, _ = _inputs()
+    loss = lambda lhs, rhs: blocked_gmm(lhs, rhs, jnp.array([10, 0, 17, 3, 9], jnp.int32)).sum()  # noqa: E731
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1)))(lhs, rhs)
+    assert jaxpr_flops(jaxpr)["matmul"] == 3 * 2 * M * K * N
