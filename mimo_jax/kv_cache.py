@@ -8,11 +8,6 @@ grow with context. A step attends over the ring as it was (entries at or after t
 position are hidden: they are stale drafts) plus the step's own new keys, then writes the new keys.
 Rejected drafts therefore need no explicit rollback: the next step hides them and overwrites them.
 
-A scan over a run of layers carries the run's stacked cache and hands each layer a `StackedLayerKV`
-(the stack plus the layer's index): the layer writes its new keys into the stack in place and reads
-its own slice. Slicing each layer's cache out and stacking the results again would copy every cache
-in full on every decode step, which costs more than the step's attention at decode sizes.
-
 Shapes: B batch, S cache slots, K kv heads, D head dim; a run of stacked layers carries leading
 [repeats, length] dims, the MTP cache a leading [heads] dim.
 """
@@ -35,32 +30,6 @@ CACHE_AXES = ("cache_batch", "cache_seq", "cache_heads", None)
 class LayerKV:
     k: jax.Array  # [..., B, S, K, Dqk]
     v: jax.Array  # [..., B, S, K, Dv]
-
-
-@flax.struct.dataclass
-class StackedLayerKV:
-    """One layer of a stacked cache: `kv` is the whole stack, `index` the layer's leading indices."""
-
-    kv: LayerKV  # [*stack, B, S, K, D]
-    index: tuple  # int32 scalars, one per stack dim
-
-    def read(self) -> LayerKV:
-        n = len(self.index)
-
-        def one(x):
-            start = (*self.index, *(0,) * (x.ndim - n))
-            return jax.lax.dynamic_slice(x, start, (1,) * n + x.shape[n:]).reshape(x.shape[n:])
-
-        return jax.tree.map(one, self.kv)
-
-    def write(self, slots_BT, k_BTKD, v_BTKV) -> StackedLayerKV:
-        rows = jnp.arange(slots_BT.shape[0])[:, None]
-
-        def put(buffer, values):
-            written = buffer.at[(*self.index, rows, slots_BT)].set(values.astype(buffer.dtype), mode="drop")
-            return sharding.constrain(written, (None,) * len(self.index) + CACHE_AXES)
-
-        return self.replace(kv=LayerKV(put(self.kv.k, k_BTKD), put(self.kv.v, v_BTKV)))
 
 
 @flax.struct.dataclass
@@ -154,30 +123,20 @@ def write_rows(buffer_BS, slots_BT, values_BT):
     return buffer_BS.at[rows, slots_BT].set(values_BT.astype(buffer_BS.dtype), mode="drop")
 
 
-def _write(cache: LayerKV | StackedLayerKV, slots_BT, k_BTKD, v_BTKV):
-    if isinstance(cache, StackedLayerKV):
-        return cache.write(slots_BT, k_BTKD, v_BTKV)
-    return LayerKV(sharding.constrain(write_rows(cache.k, slots_BT, k_BTKD), CACHE_AXES),
-                   sharding.constrain(write_rows(cache.v, slots_BT, v_BTKV), CACHE_AXES))
-
-
-def _read(cache: LayerKV | StackedLayerKV) -> LayerKV:
-    return cache.read() if isinstance(cache, StackedLayerKV) else cache
-
-
-def global_attend(cache: LayerKV | StackedLayerKV, step: CacheStep, k_BTKD, v_BTKV):
+def global_attend(cache: LayerKV, step: CacheStep, k_BTKD, v_BTKV):
     """Write, then return (cache, keys, values, key positions) covering every slot."""
-    cache = _write(cache, step.global_slots, k_BTKD, v_BTKV)
-    layer = _read(cache)
-    b, s = layer.k.shape[:2]
+    k = sharding.constrain(write_rows(cache.k, step.global_slots, k_BTKD), CACHE_AXES)
+    v = sharding.constrain(write_rows(cache.v, step.global_slots, v_BTKV), CACHE_AXES)
+    b, s = k.shape[:2]
     positions_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    return cache, layer.k, layer.v, positions_BS
+    return LayerKV(k, v), k, v, positions_BS
 
 
-def ring_attend(cache: LayerKV | StackedLayerKV, step: CacheStep, positions_BT, k_BTKD, v_BTKV):
+def ring_attend(cache: LayerKV, step: CacheStep, positions_BT, k_BTKD, v_BTKV):
     """Return (written cache, keys, values, key positions): the ring before the write plus the new keys."""
-    layer = _read(cache)
-    keys = jnp.concatenate([layer.k, k_BTKD.astype(layer.k.dtype)], axis=1)
-    values = jnp.concatenate([layer.v, v_BTKV.astype(layer.v.dtype)], axis=1)
+    keys = jnp.concatenate([cache.k, k_BTKD.astype(cache.k.dtype)], axis=1)
+    values = jnp.concatenate([cache.v, v_BTKV.astype(cache.v.dtype)], axis=1)
     positions = jnp.concatenate([step.ring_positions, positions_BT.astype(jnp.int32)], axis=1)
-    return _write(cache, step.ring_slots, k_BTKD, v_BTKV), keys, values, positions
+    written = LayerKV(sharding.constrain(write_rows(cache.k, step.ring_slots, k_BTKD), CACHE_AXES),
+                      sharding.constrain(write_rows(cache.v, step.ring_slots, v_BTKV), CACHE_AXES))
+    return written, keys, values, positions

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mimo_jax import sharding
-from mimo_jax.kv_cache import KVCache, StackedLayerKV
+from mimo_jax.kv_cache import KVCache
 from mimo_jax.config import DENSE, SWA, ModelConfig
 from mimo_jax.layer_plan import Segment, plan_layers
 from mimo_jax.layers import Attention, DenseMLP, RMSNorm, make_param
@@ -68,35 +68,30 @@ class LayerSegment(nnx.Module):
     def __call__(self, x_BTD, positions_BT, segment_ids_BT=None, caches=None, step=None):
         """(x, [RouterStats stacked [repeats, length] or None, per run], [updated cache per run] or None).
 
-        `caches` holds one `kv_cache.LayerKV` per run, stacked like the run's parameters. The scans
-        carry them, and each layer writes its run's stack in place (`kv_cache.StackedLayerKV`)."""
+        `caches` holds one `kv_cache.LayerKV` per run, stacked like the run's parameters."""
         splits = [nnx.split(run) for run in self.runs]
         graphdefs = [g for g, _ in splits]
 
-        def period(carry, xs):
-            x, period_caches = carry
-            states, repeat = xs
+        def period(x, xs):
+            states, period_caches = xs
             run_stats, run_caches = [], []
-            for graphdef, state, cache, run in zip(graphdefs, states, period_caches, self.segment.runs):
+            for graphdef, state, cache in zip(graphdefs, states, period_caches):
 
-                def layer(carry, layer_xs, graphdef=graphdef):
-                    x, cache = carry
-                    layer_state, i = layer_xs
-                    view = None if cache is None else StackedLayerKV(cache, (repeat, i))
-                    x, stats, view = nnx.merge(graphdef, layer_state)(x, positions_BT, segment_ids_BT, view, step)
-                    return (sharding.constrain(x, ACTIVATION_AXES), None if view is None else view.kv), stats
+                def layer(x, layer_xs, graphdef=graphdef):
+                    layer_state, layer_cache = layer_xs
+                    x, stats, layer_cache = nnx.merge(graphdef, layer_state)(x, positions_BT, segment_ids_BT, layer_cache, step)
+                    return sharding.constrain(x, ACTIVATION_AXES), (stats, layer_cache)
 
                 if self.remat != "none":
                     layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-                (x, cache), stats = jax.lax.scan(layer, (x, cache), (state, jnp.arange(run.length)))
+                x, (stats, cache) = jax.lax.scan(layer, x, (state, cache))
                 run_stats.append(stats)
                 run_caches.append(cache)
-            return (x, tuple(run_caches)), run_stats
+            return x, (run_stats, run_caches)
 
         period_caches = tuple(caches) if caches is not None else (None,) * len(splits)
-        (x_BTD, run_caches), run_stats = jax.lax.scan(
-            period, (x_BTD, period_caches), (tuple(s for _, s in splits), jnp.arange(self.segment.repeats)))
-        return x_BTD, run_stats, (list(run_caches) if caches is not None else None)
+        x_BTD, (run_stats, run_caches) = jax.lax.scan(period, x_BTD, (tuple(s for _, s in splits), period_caches))
+        return x_BTD, run_stats, (run_caches if caches is not None else None)
 
 
 class MTPHead(nnx.Module):
@@ -216,10 +211,10 @@ class MiMoV2Flash(nnx.Module):
         if head is None:
             out, mtp_cache = jax.vmap(run)(state, ids_KBT, mtp_cache)
         else:
-            head_state = jax.tree.map(lambda x: x[head], state)
-            out, head_cache = run(head_state, ids_KBT, None if cache is None else StackedLayerKV(mtp_cache, (head,)))
+            pick = lambda tree: jax.tree.map(lambda x: x[head], tree)  # noqa: E731
+            out, head_cache = run(pick(state), ids_KBT, pick(mtp_cache))
             if cache is not None:
-                mtp_cache = head_cache.kv
+                mtp_cache = jax.tree.map(lambda all_, one: all_.at[head].set(one), mtp_cache, head_cache)
         if cache is not None:
             cache = cache.replace(mtp=mtp_cache)
             if head is None:
