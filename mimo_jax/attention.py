@@ -1,7 +1,9 @@
 """The attention seam: every attention call in the model goes through `attention()`.
 
 `impl="xla"` is plain XLA: block-local attention (`mimo_jax.blocked_attention`, work T·W) for
-self-attention, the dense reference (`kernels_pallas.swa_attention_reference`) for anything else.
+self-attention where blocking pays off (`blocked_attention.pays_off`: more than one block, and for
+causal layers more than 512 tokens), the dense reference (`kernels_pallas.swa_attention_reference`)
+for anything else.
 `impl="dense"` is always the dense reference; `impl="pallas"` is the block-sparse flash kernel
 (`kernels_pallas.swa_attention`). All take the same arguments, so switching is a config change
 (`model.attention_impl`). Under a mesh (`sharding.activate`) XLA partitions the XLA paths itself;
@@ -19,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 from kernels_pallas.swa_attention import swa_attention
 from kernels_pallas.swa_attention_reference import attention_mask, default_positions, swa_attention_reference
 from mimo_jax import sharding
-from mimo_jax.blocked_attention import blocked_attention
+from mimo_jax.blocked_attention import blocked_attention, pays_off
 
 __all__ = ["attention", "attention_mask"]
 
@@ -40,7 +42,8 @@ def attention(q_BTHD, k_BSKD, v_BSKV, sinks_H, *, window, q_positions, kv_positi
     kwargs = dict(window=window, q_positions=q_positions, kv_positions=kv_positions, segment_ids=segment_ids)
     if impl == "xla":
         b, t = q_BTHD.shape[:2]
-        if q_positions is kv_positions and k_BSKD.shape[1] == t and not isinstance(segment_ids, (tuple, list)):
+        self_attention = q_positions is kv_positions and k_BSKD.shape[1] == t and not isinstance(segment_ids, (tuple, list))
+        if self_attention and pays_off(t, window):
             positions_BT, _ = default_positions(q_positions, kv_positions, b, t, t)
             return blocked_attention(q_BTHD, k_BSKD, v_BSKV, sinks_H, window=window, positions_BT=positions_BT,
                                      segment_ids_BT=segment_ids)

@@ -92,6 +92,14 @@ def processed_probs(logits_BV, temperature_B, top_k_B, top_p_B):
     logits_BV = logits_BV.astype(jnp.float32)
     vocab = logits_BV.shape[-1]
     greedy = temperature_B <= 0
+    one_hot_BV = jax.nn.one_hot(jnp.argmax(logits_BV, axis=-1), vocab, dtype=jnp.float32)
+    # An all-greedy batch (the common decode) skips the vocabulary sort.
+    return jax.lax.cond(jnp.all(greedy), lambda: one_hot_BV, lambda: jnp.where(
+        greedy[:, None], one_hot_BV, _sampling_probs(logits_BV, greedy, temperature_B, top_k_B, top_p_B)))
+
+
+def _sampling_probs(logits_BV, greedy, temperature_B, top_k_B, top_p_B):
+    vocab = logits_BV.shape[-1]
     x_BV = logits_BV / jnp.where(greedy, 1.0, temperature_B)[:, None]
     sorted_BV = -jnp.sort(-x_BV, axis=-1)
     k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, vocab), vocab)
@@ -101,9 +109,7 @@ def processed_probs(logits_BV, temperature_B, top_k_B, top_p_B):
     # Keep the smallest prefix of the sorted tokens whose mass reaches top_p.
     kept_B = jnp.sum((jnp.cumsum(p_sorted_BV, axis=-1) - p_sorted_BV) < top_p_B[:, None], axis=-1)
     cut_B1 = jnp.take_along_axis(sorted_BV, jnp.maximum(kept_B - 1, 0)[:, None], axis=-1)
-    probs_BV = jax.nn.softmax(jnp.where(x_BV >= jnp.maximum(cut_B1, kth_B1), x_BV, -jnp.inf), axis=-1)
-    one_hot_BV = jax.nn.one_hot(jnp.argmax(logits_BV, axis=-1), vocab, dtype=jnp.float32)
-    return jnp.where(greedy[:, None], one_hot_BV, probs_BV)
+    return jax.nn.softmax(jnp.where(x_BV >= jnp.maximum(cut_B1, kth_B1), x_BV, -jnp.inf), axis=-1)
 
 
 def _sample(keys_B, probs_BV):

@@ -7,7 +7,7 @@ import pytest
 
 from kernels_pallas.swa_attention_reference import swa_attention_reference
 from mimo_jax.attention import attention
-from mimo_jax.blocked_attention import blocked_attention
+from mimo_jax.blocked_attention import blocked_attention, pays_off
 
 # Compile time dominates these tests; XLA's fast-compile options change no result.
 fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
@@ -144,3 +144,9 @@ def test_shapes_it_cannot_take_raise():
         blocked_attention(q[:, :, :3], k, v, s[:3], window=2, positions_BT=pos)
     with pytest.raises(ValueError, match="block_size"):
         blocked_attention(q, k, v, s, window=2, positions_BT=pos, block_size=0)
+
+
+def test_blocking_is_used_only_where_it_pays_off():
+    assert pays_off(40, 4) and pays_off(4096, 128) and pays_off(513, None)
+    assert not pays_off(32, 4)  # one block: the dense pass does the same work
+    assert not pays_off(512, None)  # causal up to 512 tokens: one dense pass is faster

@@ -297,7 +297,7 @@ def _tiny_active_params(cfg) -> int:
 
 def test_hand_flops_for_decoding_by_hand_on_the_tiny_config():
     cfg = load_config("configs/tiny.yaml").model
-    # tiny.yaml: 8 layers, 3 global (kv 1) and 5 SWA (window 32); 4 heads of q/k 192, v 128; 16 experts, 4 active.
+    # tiny.yaml: 8 layers, 3 global (kv 1) and 5 SWA (window 32); 4 heads of q/k 96, v 64; 16 experts, 4 active.
     assert cfg.layer_types.count("global") == 3 and cfg.sliding_window == 32
     active = _tiny_active_params(cfg)
     from mimo_jax.params import count_params
@@ -306,13 +306,13 @@ def test_hand_flops_for_decoding_by_hand_on_the_tiny_config():
     decode = plan.hand_flops_per_token(cfg, 1000, "decode", 1)
     # Every decoded token needs its logits: 2 x all active params, lm_head included.
     assert decode["weight_flops"] == 2 * active
-    # One query: 1000 keys in each global layer, 33 (window + itself) in each SWA layer; 2 * 4 * (192 + 128) per key.
-    assert decode["attention_flops"] == 2 * 4 * 320 * (3 * 1000 + 5 * 33)
+    # One query: 1000 keys in each global layer, 33 (window + itself) in each SWA layer; 2 * 4 * (96 + 64) per key.
+    assert decode["attention_flops"] == 2 * 4 * 160 * (3 * 1000 + 5 * 33)
     assert decode["attention_flops_causal"] == decode["attention_flops"]
-    assert decode["total"] == 2 * active + 2 * 4 * 320 * (3 * 1000 + 5 * 33)
+    assert decode["total"] == 2 * active + 2 * 4 * 160 * (3 * 1000 + 5 * 33)
     # A verify step of 4 tokens at positions 996..999 sees 997..1000 keys: 998.5 on average.
     verify = plan.hand_flops_per_token(cfg, 1000, "decode", 4)
     assert verify["attention_flops"] == decode["attention_flops"]
-    assert verify["attention_flops_causal"] == 2 * 4 * 320 * (3 * 998.5 + 5 * 33)
+    assert verify["attention_flops_causal"] == 2 * 4 * 160 * (3 * 998.5 + 5 * 33)
     # A prefill skips the lm_head (logits at the last position only).
     assert plan.hand_flops_per_token(cfg, 1000, "prefill", 100)["weight_flops"] == 2 * (active - 128 * 512)
