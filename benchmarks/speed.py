@@ -441,16 +441,19 @@ def decode_rows(sizes: Sizes, notes: list[str]) -> list[Row]:
         model = MiMoV2Flash(load_config("tiny").model, rngs=nnx.Rngs(0))
         prompts = random_ids(max(sizes.decode_batches), sizes.decode_prompt, model.config.vocab_size).tolist()
     notes.append(f"Decode model: {source}; {sizes.decode_prompt}-token prompts, {sizes.decode_new} new tokens, "
-                 "greedy, plain decoding (no speculation). transformers' generate: its default attention, "
-                 f"median of {sizes.min_repeats} (benchmarks/decode.py's time_transformers, once per repeat).")
+                 "greedy, plain decoding (no speculation). transformers' generate: its default attention. Each side "
+                 f"is the median of {sizes.min_repeats} timed calls, taken in turns (ours, then transformers, "
+                 "benchmarks/decode.py's timers) so that a slower minute of a shared machine hits both.")
     rows = []
     for batch in sizes.decode_batches:
-        log(f"decode: ours, batch {batch}")
-        result, ours_tps = time_generate(model, prompts[:batch], sizes.decode_new, repeats=sizes.min_repeats)
-        log(f"decode: transformers, batch {batch}")
-        hf_runs = [time_transformers(model, prompts[:batch], sizes.decode_new) for _ in range(sizes.min_repeats)]
+        log(f"decode: batch {batch}, ours and transformers in turns")
+        ours, hf_runs = [], []
+        for _ in range(sizes.min_repeats):
+            ours.append(time_generate(model, prompts[:batch], sizes.decode_new, repeats=1))
+            hf_runs.append(time_transformers(model, prompts[:batch], sizes.decode_new))
+        ours_tps = float(np.median([tps for _, tps in ours]))
         hf_tps = float(np.median([tps for _, tps in hf_runs]))
-        same = float(np.mean(hf_runs[0][0] == result.tokens[:, sizes.decode_prompt:]))
+        same = float(np.mean(hf_runs[0][0] == ours[0][0].tokens[:, sizes.decode_prompt:]))
         target = DECODE_TARGETS.get(batch, DECODE_TARGETS[max(DECODE_TARGETS)])
         rows.append(Row(f"greedy decode tok/s, tiny model, batch {batch} ({same:.0%} of tokens equal)",
                         f"{ours_tps:,.0f} tok/s", f"{hf_tps:,.0f} tok/s (transformers generate)",

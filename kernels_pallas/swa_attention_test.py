@@ -38,10 +38,15 @@ def _value_and_grads(attention_fn, q, k, v, sinks, cotangent, **kwargs):
     return out, grads
 
 
-def _assert_matches_reference(q, k, v, sinks, cotangent, rtol, atol, kernel_kwargs=(), **kwargs):
-    out, grads = _value_and_grads(functools.partial(swa_attention, **dict(kernel_kwargs)), q, k, v, sinks, cotangent,
-                                  **kwargs)
-    ref_out, ref_grads = _value_and_grads(swa_attention_reference, q, k, v, sinks, cotangent, **kwargs)
+def _assert_matches_reference(q, k, v, sinks, cotangent, rtol, atol, kernel_kwargs=(), window=None, **arrays):
+    kernel = functools.partial(swa_attention, **dict(kernel_kwargs))
+
+    @jax.jit  # one compile of both sides: run op by op, the interpret-mode kernel took twice as long
+    def both(q, k, v, sinks, cotangent, arrays):
+        return (_value_and_grads(kernel, q, k, v, sinks, cotangent, window=window, **arrays),
+                _value_and_grads(swa_attention_reference, q, k, v, sinks, cotangent, window=window, **arrays))
+
+    (out, grads), (ref_out, ref_grads) = both(q, k, v, sinks, cotangent, arrays)
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out, np.float32), rtol=rtol, atol=atol)
     for name, got, want in zip(("dq", "dk", "dv", "dsinks"), grads, ref_grads):
         scale = max(float(jnp.abs(want).max()), 1.0)  # absolute error, relative for large gradients

@@ -25,7 +25,8 @@ def _loss_fn(graphdef, rest):
 
 def _logits_and_grads(cfg, input_ids, segment_ids):
     graphdef, params, rest = nnx.split(MiMoV2Flash(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
-    (_, logits), grads = jax.value_and_grad(_loss_fn(graphdef, rest), has_aux=True)(params, input_ids, segment_ids)
+    # Jitted: op by op, the interpret-mode kernels cost more than compiling the whole step.
+    (_, logits), grads = jax.jit(jax.value_and_grad(_loss_fn(graphdef, rest), has_aux=True))(params, input_ids, segment_ids)
     return logits, grads
 
 
