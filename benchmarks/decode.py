@@ -26,8 +26,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mimo_jax import generate, load_config, save_hf  # noqa: E402
+from mimo_jax.checkpoint import load_checkpoint  # noqa: E402
 from mimo_jax.data import load_split, make_tokenizer  # noqa: E402
-from mimo_jax.training import load_checkpoint  # noqa: E402
 
 
 def held_out_prompts(workdir: str, count: int, prompt_tokens: int) -> list[list[int]]:

@@ -13,7 +13,6 @@ printed too: a student that already agrees with the teacher there should stay pu
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import random
 import sys
@@ -27,9 +26,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from mimo_jax import mopd  # noqa: E402
+from mimo_jax.checkpoint import load_model  # noqa: E402
 from mimo_jax.config import load_config  # noqa: E402
-from mimo_jax.data import make_tokenizer  # noqa: E402
-from mimo_jax.training import load_model  # noqa: E402
+from mimo_jax.tokenization import make_tokenizer  # noqa: E402
 
 DEMO = "runs/mopd_demo"
 

@@ -47,10 +47,10 @@ from flax import nnx  # noqa: E402
 
 from mimo_jax.attention import attention  # noqa: E402
 from mimo_jax.config import ModelConfig, TrainConfig, load_config, release_layer_types, release_mlp_types  # noqa: E402
+from mimo_jax.flops import hand_flops_per_token, jaxpr_flops  # noqa: E402
 from mimo_jax.model import MiMoV2Flash  # noqa: E402
 from mimo_jax.moe import grouped_matmul  # noqa: E402
 from mimo_jax.params import count_params  # noqa: E402
-from mimo_jax.plan import hand_flops_per_token, jaxpr_flops  # noqa: E402
 from mimo_jax.train_step import make_optimizer, train_step_fn  # noqa: E402
 
 SECTIONS = ("forward", "gmm", "attention", "train", "decode")
@@ -407,9 +407,9 @@ def train_rows(sizes: Sizes, notes: list[str]) -> list[Row]:
                  f"train_step_fn as train.py runs it; {seconds:.2f} s per step. Peak: a {PEAK_N}x{PEAK_N} fp32 "
                  f"jnp.matmul, {peak:.1f} GFLOP/s.")
     notes.append(f"Useful FLOPs per step: {traced / 1e9:,.1f} GFLOP, counted as training.py counts its "
-                 "flops_per_second (plan.jaxpr_flops of the traced step: matmuls, scan bodies times their length, "
+                 "flops_per_second (flops.jaxpr_flops of the traced step: matmuls, scan bodies times their length, "
                  "the grouped-matmul loops by their dropless work, elementwise work left out). By hand "
-                 f"(plan.hand_flops_per_token(cfg, {t}, 'train')['total_causal'] x tokens: 6 x the parameters a "
+                 f"(flops.hand_flops_per_token(cfg, {t}, 'train')['total_causal'] x tokens: 6 x the parameters a "
                  f"token uses + causal/windowed attention): {by_hand / 1e9:,.1f} GFLOP"
                  + ("." if abs(traced / by_hand - 1) < 0.25 else ": the two disagree by more than 25%, so one "
                     "of the counts is off."))
@@ -418,7 +418,7 @@ def train_rows(sizes: Sizes, notes: list[str]) -> list[Row]:
     return [
         Row(f"train step useful GFLOP/s, {count_params(cfg)['main'] / 1e6:.0f}M MoE, {b}x{t}", f"{useful:.1f} GFLOP/s",
             peak_cell, f"{useful / peak:.0%}", ">= 50%", judged(useful >= 0.5 * peak)),
-        Row("train step GFLOP/s, same step, FLOPs counted by hand (plan.hand_flops_per_token)",
+        Row("train step GFLOP/s, same step, FLOPs counted by hand (flops.hand_flops_per_token)",
             f"{by_hand / seconds / 1e9:.1f} GFLOP/s", peak_cell, f"{by_hand / seconds / 1e9 / peak:.0%}"),
     ]
 

@@ -8,11 +8,13 @@ the chip. Install libtpu with `pip install "jax[tpu]"` (the `test` extra does).
 from __future__ import annotations
 
 import functools
-import re
 import os
+import re
 
 import jax
 import numpy as np
+from jax.experimental import topologies
+from jax.extend.core import jaxprs_in_params
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # Topologies we compile for in tests and benchmarks: (name, chips per host bounds).
@@ -22,8 +24,6 @@ TOPOLOGIES = {"v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2", "v4": "v4:
 @functools.lru_cache(maxsize=None)
 def tpu_topology(name: str):
     """A TPU topology description, e.g. "v5e:2x2" or "v5p:4x4x4" (or a TOPOLOGIES key)."""
-    from jax.experimental import topologies
-
     # Several processes (pytest, benchmarks) may load libtpu at once; none of them drives a chip.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
@@ -66,8 +66,6 @@ def _tile_padded_bytes(shape, dtype) -> int:
 
 
 def _pallas_calls(jaxpr):
-    from jax.extend.core import jaxprs_in_params
-
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "pallas_call":
             yield eqn

@@ -13,12 +13,10 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import jax
 import yaml
-
-if TYPE_CHECKING:
-    from mimo_jax.data import DataConfig
 
 GLOBAL = "global"
 SWA = "swa"
@@ -164,8 +162,6 @@ class ModelConfig:
     def compiles_mosaic(self) -> bool:
         """Whether Pallas TPU kernels compile here: on a TPU, or for one ahead of time (mosaic)."""
         if self.kernel_mode == "auto":
-            import jax  # the config module itself stays importable without initialising a backend
-
             return jax.default_backend() == "tpu"
         return self.kernel_mode == "mosaic"
 
@@ -197,6 +193,14 @@ class ModelConfig:
     def window(self, layer_type: str) -> int | None:
         return None if layer_type == GLOBAL else self.sliding_window
 
+    def check_num_draft(self, num_draft: int) -> int:
+        """`num_draft` if the MTP heads can draft that many tokens a step (1..num_mtp_heads), else ValueError."""
+        if not self.num_mtp_heads:
+            raise ValueError("speculative decoding needs MTP heads; this model has none (model.num_mtp_heads=0)")
+        if not 1 <= num_draft <= self.num_mtp_heads:
+            raise ValueError(f"num_draft must be in 1..{self.num_mtp_heads} (the model's MTP heads), got {num_draft}")
+        return num_draft
+
     @property
     def moe_layers(self) -> tuple[int, ...]:
         return tuple(i for i, t in enumerate(self.mlp_types) if t == MOE)
@@ -205,10 +209,54 @@ class ModelConfig:
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 
-def _data_config_class():
-    from mimo_jax.data import DataConfig  # data.py imports this module for ConfigError
+SOURCES = ("stdlib", "text", "jsonl", "parquet")  # data.source
 
-    return DataConfig
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where training text comes from and how it is tokenized (the `data:` section of a config)."""
+
+    # stdlib: this interpreter's standard library .py files (no download); text: one document per
+    # file; jsonl: one JSON object per line; parquet: one row per document.
+    source: str = "stdlib"
+    # Files, directories (searched recursively) or glob patterns; unused for stdlib.
+    paths: tuple[str, ...] = ()
+    # Held-out files for eval; when empty, eval is a hash-chosen `eval_fraction` of the documents.
+    eval_paths: tuple[str, ...] = ()
+    # JSON field / Parquet column holding the document text.
+    text_field: str = "text"
+    # "bytes" (built-in byte-level tokenizer) or a path to a HF tokenizer.json (or its directory).
+    tokenizer: str = "bytes"
+    # Special tokens of a HF tokenizer by their text; empty means tokenizer_config.json next to
+    # tokenizer.json, else a common name (<|endoftext|>, </s>, ...). Pad falls back to EOS.
+    eos_token: str = ""
+    pad_token: str = ""
+    bos_token: str = ""
+    # Put the tokenizer's BOS before every document (EOS always follows every document).
+    add_bos: bool = False
+    eval_fraction: float = 0.02
+    # Train rows are shuffled within windows of this many packed rows, so that the rows of a batch
+    # come from different documents (a long document fills many consecutive rows). 0 turns it off.
+    row_shuffle_window: int = 1024
+    # Threads that read and tokenize documents; > 0 also prefetches batches in a background thread.
+    num_threads: int = 0
+    prefetch_batches: int = 2
+
+    def __post_init__(self):
+        object.__setattr__(self, "paths", tuple(self.paths))
+        object.__setattr__(self, "eval_paths", tuple(self.eval_paths))
+        if self.source not in SOURCES:
+            raise ConfigError(f"data.source: {self.source!r} is not one of {list(SOURCES)}")
+        if self.source != "stdlib" and not self.paths:
+            raise ConfigError(f"data.source={self.source!r} needs data.paths (files, directories or globs)")
+        if self.source == "stdlib" and (self.paths or self.eval_paths):
+            raise ConfigError("data.source='stdlib' takes no data.paths / data.eval_paths")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.num_threads < 0 or self.prefetch_batches < 0 or self.row_shuffle_window < 0:
+            raise ConfigError("data.num_threads, data.prefetch_batches and data.row_shuffle_window must be >= 0")
+        if not self.text_field:
+            raise ConfigError("data.text_field must not be empty")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,7 +428,7 @@ class Config:
     mesh: MeshConfig = MeshConfig()
     sharding: ShardingRules = ShardingRules()
     distributed: DistributedConfig = DistributedConfig()
-    data: DataConfig = dataclasses.field(default_factory=lambda: _data_config_class()())
+    data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     mopd: MOPDConfig = MOPDConfig()
 

@@ -1,4 +1,4 @@
-"""Training data: corpora, tokenizers, document packing, and a checkpointable grain pipeline.
+"""Training data: corpora, document packing, and a checkpointable grain pipeline.
 
 The pipeline for one host is
 
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import abc
 import collections
-import dataclasses
 import functools
 import glob
 import hashlib
@@ -43,14 +42,17 @@ import os
 import sysconfig
 import threading
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import grain
+import jax
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from mimo_jax.config import ConfigError
+from mimo_jax.config import SOURCES, ConfigError, DataConfig
+from mimo_jax.tokenization import ByteTokenizer, DataError, HFTokenizer, Tokenizer, check_tokenizer_fits, make_tokenizer  # noqa: F401 - re-exported: the tokenizers lived here
 
-SOURCES = ("stdlib", "text", "jsonl", "parquet")
 SPLITS = ("train", "eval")
 # `num_epochs` default: forever for train, one pass for eval.
 SPLIT_DEFAULT = object()
@@ -66,195 +68,6 @@ _DIRECTORY_SUFFIXES = {"text": None, "jsonl": (".jsonl", ".ndjson", ".json"), "p
 # Standard-library subdirectories that are not library code: installed packages and test suites
 # (the test suites hold deliberately odd encodings and huge generated files).
 _STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
-
-
-class DataError(ValueError):
-    """A corpus, file or tokenizer that cannot feed training; the message names the culprit."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Where training text comes from and how it is tokenized (the `data:` section of a config)."""
-
-    # stdlib: this interpreter's standard library .py files (no download); text: one document per
-    # file; jsonl: one JSON object per line; parquet: one row per document.
-    source: str = "stdlib"
-    # Files, directories (searched recursively) or glob patterns; unused for stdlib.
-    paths: tuple[str, ...] = ()
-    # Held-out files for eval; when empty, eval is a hash-chosen `eval_fraction` of the documents.
-    eval_paths: tuple[str, ...] = ()
-    # JSON field / Parquet column holding the document text.
-    text_field: str = "text"
-    # "bytes" (built-in byte-level tokenizer) or a path to a HF tokenizer.json (or its directory).
-    tokenizer: str = "bytes"
-    # Special tokens of a HF tokenizer by their text; empty means tokenizer_config.json next to
-    # tokenizer.json, else a common name (<|endoftext|>, </s>, ...). Pad falls back to EOS.
-    eos_token: str = ""
-    pad_token: str = ""
-    bos_token: str = ""
-    # Put the tokenizer's BOS before every document (EOS always follows every document).
-    add_bos: bool = False
-    eval_fraction: float = 0.02
-    # Train rows are shuffled within windows of this many packed rows, so that the rows of a batch
-    # come from different documents (a long document fills many consecutive rows). 0 turns it off.
-    row_shuffle_window: int = 1024
-    # Threads that read and tokenize documents; > 0 also prefetches batches in a background thread.
-    num_threads: int = 0
-    prefetch_batches: int = 2
-
-    def __post_init__(self):
-        object.__setattr__(self, "paths", tuple(self.paths))
-        object.__setattr__(self, "eval_paths", tuple(self.eval_paths))
-        if self.source not in SOURCES:
-            raise ConfigError(f"data.source: {self.source!r} is not one of {list(SOURCES)}")
-        if self.source != "stdlib" and not self.paths:
-            raise ConfigError(f"data.source={self.source!r} needs data.paths (files, directories or globs)")
-        if self.source == "stdlib" and (self.paths or self.eval_paths):
-            raise ConfigError("data.source='stdlib' takes no data.paths / data.eval_paths")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.num_threads < 0 or self.prefetch_batches < 0 or self.row_shuffle_window < 0:
-            raise ConfigError("data.num_threads, data.prefetch_batches and data.row_shuffle_window must be >= 0")
-        if not self.text_field:
-            raise ConfigError("data.text_field must not be empty")
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenizers
-
-
-class Tokenizer(Protocol):
-    vocab_size: int
-    eos_id: int
-    pad_id: int
-    bos_id: int | None
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def encode_array(self, text: str) -> np.ndarray: ...
-
-    def decode(self, ids: Sequence[int]) -> str: ...
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens: id = byte + 3, after pad = 0, eos = 1, bos = 2 (vocab 259).
-
-    Pad is 0 so that zero-filled buffers are padding, matching `pad_token_id: 0` in tiny.yaml; the
-    259 ids fit any model vocabulary of at least 259 (tiny.yaml has 512).
-    """
-
-    pad_id = 0
-    eos_id = 1
-    bos_id = 2
-    byte_offset = 3
-    vocab_size = 259
-
-    def encode_array(self, text: str) -> np.ndarray:
-        # Lone surrogates (possible in JSON strings) cannot be UTF-8; they become "?".
-        raw = np.frombuffer(text.encode("utf-8", errors="replace"), dtype=np.uint8)
-        return raw.astype(np.int32) + self.byte_offset
-
-    def encode(self, text: str) -> list[int]:
-        return self.encode_array(text).tolist()
-
-    def decode(self, ids: Sequence[int]) -> str:
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        ids = ids[(ids >= self.byte_offset) & (ids < self.vocab_size)]  # special ids carry no text
-        return (ids - self.byte_offset).astype(np.uint8).tobytes().decode("utf-8", errors="replace")
-
-    def __repr__(self) -> str:
-        return "ByteTokenizer()"
-
-
-_EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eos|>", "[SEP]")
-_PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|padding|>")
-_BOS_CANDIDATES = ("<s>", "<bos>", "<|begin_of_text|>", "<|startoftext|>", "[CLS]")
-
-
-class HFTokenizer:
-    """A Hugging Face `tokenizers` tokenizer.json (the fast-tokenizer file every hub model ships)."""
-
-    def __init__(self, path: str, eos_token: str = "", pad_token: str = "", bos_token: str = ""):
-        import tokenizers  # only needed for real-model tokenizers
-
-        if os.path.isdir(path):
-            path = os.path.join(path, "tokenizer.json")
-        if not os.path.isfile(path):
-            raise DataError(f"tokenizer {path}: no such file (data.tokenizer is 'bytes' or a tokenizer.json path)")
-        try:
-            self._tokenizer = tokenizers.Tokenizer.from_file(path)
-        except Exception as e:  # noqa: BLE001 (the Rust loader raises plain Exception)
-            raise DataError(f"tokenizer {path}: cannot load ({e})") from None
-        self.path = path
-        declared = _tokenizer_config_specials(os.path.join(os.path.dirname(path), "tokenizer_config.json"))
-        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
-        eos = self._special_id("eos", eos_token or declared.get("eos_token"), _EOS_CANDIDATES)
-        if eos is None:
-            raise DataError(
-                f"tokenizer {path}: cannot tell its end-of-document token (none of {list(_EOS_CANDIDATES)}); "
-                "set data.eos_token"
-            )
-        self.eos_id = eos
-        pad = self._special_id("pad", pad_token or declared.get("pad_token"), _PAD_CANDIDATES)
-        self.pad_id = eos if pad is None else pad  # padding is masked by segment id 0; any id works
-        self.bos_id = self._special_id("bos", bos_token or declared.get("bos_token"), _BOS_CANDIDATES)
-
-    def _special_id(self, role: str, explicit: str | None, candidates: Sequence[str]) -> int | None:
-        if explicit:
-            token_id = self._tokenizer.token_to_id(explicit)
-            if token_id is None:
-                raise DataError(f"tokenizer {self.path}: {role} token {explicit!r} is not in its vocabulary")
-            return token_id
-        for token in candidates:
-            token_id = self._tokenizer.token_to_id(token)
-            if token_id is not None:
-                return token_id
-        return None
-
-    def encode_array(self, text: str) -> np.ndarray:
-        return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int32)
-
-    def encode(self, text: str) -> list[int]:
-        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
-
-    def __repr__(self) -> str:
-        return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
-
-
-def _tokenizer_config_specials(path: str) -> dict[str, str]:
-    """eos/pad/bos token texts declared in a transformers tokenizer_config.json, if there is one."""
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            declared = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
-    out = {}
-    for key in ("eos_token", "pad_token", "bos_token"):
-        value = declared.get(key)
-        if isinstance(value, dict):  # older files store AddedToken dicts
-            value = value.get("content")
-        if isinstance(value, str) and value:
-            out[key] = value
-    return out
-
-
-def make_tokenizer(data_cfg: DataConfig) -> Tokenizer:
-    if data_cfg.tokenizer == "bytes":
-        return ByteTokenizer()
-    return HFTokenizer(data_cfg.tokenizer, data_cfg.eos_token, data_cfg.pad_token, data_cfg.bos_token)
-
-
-def check_tokenizer_fits(tokenizer: Tokenizer, model_vocab_size: int) -> None:
-    """Every id the tokenizer emits must index the model's embedding table."""
-    if tokenizer.vocab_size > model_vocab_size:
-        raise ConfigError(
-            f"{tokenizer!r} has {tokenizer.vocab_size} ids but model.vocab_size is {model_vocab_size}"
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,9 +237,6 @@ class ParquetCorpus(_Corpus):
     _CACHED_ROW_GROUPS = 4
 
     def __init__(self, files: Sequence[str], text_field: str):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         self.files = list(files)
         self.text_field = text_field
         self._row_groups = []  # (file index, row group index in file, its first row in file) per global group
@@ -467,9 +277,6 @@ class ParquetCorpus(_Corpus):
             if group in self._cache:
                 self._cache.move_to_end(group)
                 return self._cache[group]
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
             file_index, file_group, _ = self._row_groups[group]
             path = self.files[file_index]
             try:
@@ -752,8 +559,6 @@ def _stack_rows(rows: Sequence[dict[str, np.ndarray]], *, batch_rows: int, pad_i
 
 def _resolve_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
     if shard_index is None or shard_count is None:
-        import jax
-
         shard_index = jax.process_index() if shard_index is None else shard_index
         shard_count = jax.process_count() if shard_count is None else shard_count
     if shard_count <= 0 or not 0 <= shard_index < shard_count:

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mimo_jax.config import ConfigError, DistributedConfig
@@ -133,7 +134,7 @@ def on_cloud_tpu_vm() -> bool:
                                        "MEGASCALE_COORDINATOR_ADDRESS")):
         return True
     try:  # private, but it is the check JAX itself uses and it knows every TPU generation
-        from jax._src import hardware_utils
+        from jax._src import hardware_utils  # private JAX: guarded, a release may move it
 
         return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
     except Exception:  # noqa: BLE001 - a moved private helper must not break single-host runs
@@ -271,8 +272,6 @@ def put_global(tree, shardings):
 def to_host(tree):
     """Numpy copies of (possibly multi-host) arrays, the full value on every host; all processes
     must call it (arrays not fully addressable here are gathered across hosts)."""
-    from jax.experimental import multihost_utils
-
     def fetch(x):
         if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
             return np.asarray(x)

@@ -27,12 +27,13 @@ from flax import nnx
 
 from mimo_jax import fp8
 from mimo_jax.config import GLOBAL, SWA, ConfigError, ModelConfig, model_config_from_hf, model_config_to_hf
-from mimo_jax.model import MiMoV2Flash
+from mimo_jax.model import MiMoV2Flash, abstract_model
 from mimo_jax.safetensors_io import CheckpointError, CheckpointReader, write_safetensors
 
 SCALE_SUFFIX = "_scale_inv"
 MTP_FILE = "model_mtp.safetensors"
 _MTP_LAYER = re.compile(r"^model\.mtp\.layers\.(\d+)\.")
+_KV_PROJ = re.compile(r"(.*self_attn\.)([kv])_proj\.weight")  # k and v: their FP8 scales are read as a pair
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +187,7 @@ class _HFTensors:
                 raise CheckpointError(f"{self.describe(name)} is FP8 but has no {scale_name}")
             return array
         scale = self.reader.read(scale_name)
-        kv = re.fullmatch(r"(.*self_attn\.)([kv])_proj\.weight", name)
+        kv = _KV_PROJ.fullmatch(name)
         try:
             if kv:
                 prefix, which = kv.groups()
@@ -271,7 +272,7 @@ def load_hf(path: str, dtype=jnp.bfloat16, *, sharding: Callable | None = None, 
     except TypeError as e:
         raise ConfigError(f"load_hf: {e}") from None
 
-    abstract = nnx.eval_shape(lambda: MiMoV2Flash(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(cfg)
     graphdef, abstract_state = nnx.split(abstract)
     leaves = _leaves(abstract_state, abstract.plan)
 
@@ -416,7 +417,7 @@ def _quantize_entries(entries, cfg: ModelConfig) -> list[_Entry]:
             out.append(entry)
             continue
         rows, cols = entry.shape
-        kv = re.fullmatch(r"(.*self_attn\.)([kv])_proj\.weight", entry.name)
+        kv = _KV_PROJ.fullmatch(entry.name)
         shards = None
         if kv and layer_type == GLOBAL:
             dqk, dv, num_kv = cfg.qk_head_dim, cfg.v_head_dim, cfg.global_kv_heads

@@ -274,11 +274,6 @@ def _step(model, state, num_draft):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_draft"), donate_argnames=("state",))
-def _step_jit(graphdef, params, state, *, num_draft):
-    return _step(nnx.merge(graphdef, params), state, num_draft)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_draft"), donate_argnames=("state",))
 def _run_jit(graphdef, params, state, *, num_draft):
     model = nnx.merge(graphdef, params)
     return jax.lax.while_loop(lambda s: ~jnp.all(s.done), lambda s: _step(model, s, num_draft), state)
@@ -288,8 +283,8 @@ def new_state(model, batch: int, max_seq_len: int, *, num_draft: int = 0, max_st
     """An empty decode state: every row done (a free slot) until a prompt is prefilled into it."""
     cfg = model.config
     speculative = num_draft > 0
-    if speculative and num_draft > cfg.num_mtp_heads:
-        raise ValueError(f"num_draft={num_draft} needs as many MTP heads; the model has {cfg.num_mtp_heads}")
+    if speculative:
+        cfg.check_num_draft(num_draft)
     def zeros():  # separate buffers: the state is donated, and XLA refuses one buffer donated twice
         return jnp.zeros((batch,), jnp.int32)
 
@@ -306,13 +301,7 @@ def new_state(model, batch: int, max_seq_len: int, *, num_draft: int = 0, max_st
 
 
 def _check_speculative(model, speculative: bool, num_draft: int) -> int:
-    if not speculative:
-        return 0
-    if not model.config.num_mtp_heads:
-        raise ValueError("speculative decoding needs MTP heads; this model has none (model.num_mtp_heads=0)")
-    if not 1 <= num_draft <= model.config.num_mtp_heads:
-        raise ValueError(f"num_draft must be in 1..{model.config.num_mtp_heads} (the model's MTP heads), got {num_draft}")
-    return num_draft
+    return model.config.check_num_draft(num_draft) if speculative else 0
 
 
 def _padded_prompts(prompt_ids, chunk: int, pad_id: int):

@@ -70,7 +70,7 @@ _state: str | None = None
 
 def _tpu_on_pci_bus() -> bool:
     try:  # private, but it is JAX's own check and it knows every TPU generation JAX supports
-        from jax._src import hardware_utils
+        from jax._src import hardware_utils  # private JAX: guarded, a release may move it
 
         return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
     except Exception:  # noqa: BLE001 - a moved helper: the same scan, with the ids known here
@@ -123,7 +123,7 @@ def _no_tpu_host_env():
 
 def _libtpu_initialized() -> bool:
     try:
-        from jax._src.lib import xla_client
+        from jax._src.lib import xla_client  # private JAX: guarded, a release may move it
 
         return bool(xla_client.pjrt_plugin_initialized("tpu"))
     except Exception:  # noqa: BLE001 - not loaded yet, or an older/newer API: assume not initialised
@@ -151,7 +151,7 @@ def _skip_unless_asked(factory):
 
     @functools.wraps(factory)
     def wrapper(*args, **kwargs):
-        import jax
+        import jax  # this module runs before anything imports jax (mimo_jax/__init__.py), so not at its top
 
         if not jax.config.jax_platforms:
             raise RuntimeError("skipped by mimo_jax: this machine has no TPU (set JAX_PLATFORMS=tpu or "
@@ -184,7 +184,7 @@ def _install() -> str:
     if tpu_host():
         return "tpu-host"
     try:
-        from jax._src import xla_bridge as xb
+        from jax._src import xla_bridge as xb  # private JAX: guarded, a release may move it
 
         registration = xb._backend_factories["tpu"]
         topology_factory = xb.make_pjrt_tpu_topology

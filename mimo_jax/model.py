@@ -8,8 +8,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mimo_jax import sharding
-from mimo_jax.kv_cache import KVCache
 from mimo_jax.config import DENSE, SWA, ModelConfig
+from mimo_jax.kv_cache import KVCache
 from mimo_jax.layer_plan import Segment, plan_layers
 from mimo_jax.layers import Attention, DenseMLP, RMSNorm, make_param
 from mimo_jax.moe import MoE
@@ -50,7 +50,8 @@ class DecoderLayer(nnx.Module):
         attn = self.attn(self.input_norm(x_BTD), positions_BT, segment_ids_BT, cache, step)
         attn_BTD, cache = attn if cache is not None else (attn, None)
         x_BTD = x_BTD + attn_BTD
-        y_BTD = self.mlp(self.post_attn_norm(x_BTD))
+        h_BTD = self.post_attn_norm(x_BTD)
+        y_BTD = self.mlp(h_BTD, segment_ids_BT) if isinstance(self.mlp, MoE) else self.mlp(h_BTD)
         y_BTD, stats = y_BTD if isinstance(y_BTD, tuple) else (y_BTD, None)
         return x_BTD + y_BTD, stats, cache
 
@@ -220,3 +221,8 @@ class MiMoV2Flash(nnx.Module):
             if head is None:
                 cache = cache.advance(step, positions_BT, mtp=True)
         return out, cache
+
+
+def abstract_model(cfg: ModelConfig) -> MiMoV2Flash:
+    """The model with ShapeDtypeStructs for arrays: shapes, dtypes and sharding names, nothing allocated."""
+    return nnx.eval_shape(lambda: MiMoV2Flash(cfg, rngs=nnx.Rngs(0)))

@@ -39,13 +39,24 @@ class RouterStats:
     balance: jax.Array
 
 
-def router_stats(scores_BTE, experts_BTk, num_experts: int) -> RouterStats:
+def router_stats(scores_BTE, experts_BTk, num_experts: int, segment_ids_BT=None) -> RouterStats:
+    """Loads and the balance term over real tokens: positions with segment id 0 (padding) are left
+    out, so a mostly padded row (MOPD rollouts, a stream's last row) does not steer the bias rule.
+    load_E is the share of all real tokens' choices; the balance averages over rows with a real
+    token. Without segment ids every position counts."""
     b, t, k = experts_BTk.shape
-    counts_BE = jax.vmap(lambda e: jnp.bincount(e.reshape(-1), length=num_experts))(experts_BTk).astype(jnp.float32)
-    share_BE = counts_BE / (t * k)
-    probs_BE = (scores_BTE / scores_BTE.sum(-1, keepdims=True)).mean(1)
-    balance = jnp.mean(jnp.sum(num_experts * share_BE * probs_BE, axis=-1))
-    return RouterStats(load_E=jax.lax.stop_gradient(share_BE.mean(0)), balance=balance)
+    real_BT = jnp.ones((b, t), jnp.float32) if segment_ids_BT is None else (segment_ids_BT != 0).astype(jnp.float32)
+    choices_BTk = jnp.broadcast_to(real_BT[..., None], (b, t, k))
+    counts_BE = jnp.zeros((b, num_experts), jnp.float32).at[jnp.arange(b)[:, None, None], experts_BTk].add(choices_BTk)
+    tokens_B = real_BT.sum(1)
+    share_BE = counts_BE / (jnp.maximum(tokens_B, 1.0) * k)[:, None]
+    probs_BTE = scores_BTE / scores_BTE.sum(-1, keepdims=True)
+    probs_BE = jnp.einsum("bte,bt->be", probs_BTE, real_BT) / jnp.maximum(tokens_B, 1.0)[:, None]
+    rows_B = (tokens_B > 0).astype(jnp.float32)
+    balance_B = jnp.sum(num_experts * share_BE * probs_BE, axis=-1)
+    balance = jnp.sum(balance_B * rows_B) / jnp.maximum(rows_B.sum(), 1.0)
+    load_E = counts_BE.sum(0) / (jnp.maximum(tokens_B.sum(), 1.0) * k)
+    return RouterStats(load_E=jax.lax.stop_gradient(load_E), balance=balance)
 
 
 def route(x_ND, router_DE, bias_E, cfg: ModelConfig):
@@ -219,14 +230,15 @@ class MoE(nnx.Module):
         self.w_down = make_param(rngs, (e, i, d), ("experts", "mlp", "embed"), dt, stack, std=std)
         self.cfg = cfg
 
-    def __call__(self, x_BTD):
-        """(y [B,T,D], RouterStats) — the stats feed the balance loss and the router-bias update."""
+    def __call__(self, x_BTD, segment_ids_BT=None):
+        """(y [B,T,D], RouterStats over the non-padding tokens) — the stats feed the balance loss and
+        the router-bias update."""
         dt = x_BTD.dtype
         b, t, d = x_BTD.shape
         w = (self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt))
         weights_BTk, experts_BTk, scores_BTE = route(x_BTD.reshape(b * t, d), self.router[...], self.bias[...], self.cfg)
         weights_BTk, experts_BTk = weights_BTk.reshape(b, t, -1), experts_BTk.reshape(b, t, -1)
-        stats = router_stats(scores_BTE.reshape(b, t, -1), experts_BTk, self.cfg.num_experts)
+        stats = router_stats(scores_BTE.reshape(b, t, -1), experts_BTk, self.cfg.num_experts, segment_ids_BT)
         impl = self.cfg.resolved_moe_impl
         if impl != "dense" and sharding.active() is not None:
             return self._sharded(x_BTD, weights_BTk, experts_BTk, *w), stats

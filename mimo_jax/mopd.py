@@ -17,21 +17,24 @@ student/teacher argmax agreement, the outcome reward, the masked-token fraction,
 
 from __future__ import annotations
 
-import dataclasses
+import argparse
 import importlib
 import json
 import os
-import time
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 from flax import nnx
 
-from mimo_jax import distributed, sharding
-from mimo_jax.config import Config, ConfigError, MOPDConfig, to_dict
+from mimo_jax import sharding
+from mimo_jax.checkpoint import load_model
+from mimo_jax.config import Config, ConfigError, MOPDConfig
+from mimo_jax.inference import generate
+from mimo_jax.run_loop import RunMode, run
+from mimo_jax.serving import load_served
+from mimo_jax.train_step import Objective
 
 # The per-token arrays a MOPD train step takes after input_ids and segment_ids, in this order; the
 # top-k ones ([B, T, K]) only with mopd.teacher_top_k > 0.
@@ -182,8 +185,6 @@ def mopd_objective(out, input_ids_BT, inputs: dict, cfg: MOPDConfig):
 
 def rollout_batch(model, tokenizer, records: Sequence[dict], cfg: MOPDConfig, seq_len: int, seed: int) -> dict:
     """Student rollouts for `records` (each repeated rollouts_per_prompt times) as [R, seq_len] arrays."""
-    from mimo_jax.inference import generate
-
     prompts = [tokenizer.encode(r["prompt"]) for r in records for _ in range(cfg.rollouts_per_prompt)]
     longest = max(len(p) for p in prompts)
     if longest + cfg.max_new_tokens > seq_len:
@@ -234,8 +235,6 @@ def teacher_scorer(graphdef, top_k: int = 0):
 def domain_accuracy(model, tokenizer, records: Sequence[dict], max_new_tokens: int, rewards: dict,
                     batch_size: int = 64) -> dict[str, float]:
     """Mean reward per domain of greedy completions (exact_match where no reward is configured)."""
-    from mimo_jax.inference import generate
-
     scores: dict[str, list[float]] = {}
     batch_size = min(batch_size, len(records))
     for start in range(0, len(records), batch_size):
@@ -270,13 +269,16 @@ def _per_domain(domains: Sequence[str], row_metrics: dict, rewards_R, lengths_R)
 # The loop
 
 
-def train_mopd(cfg: Config, workdir: str, log=print) -> list[dict]:
-    """Runs (or resumes) MOPD; the student starts from `train.init_from`. Checkpoints, config.yaml
-    and metrics.jsonl are laid out as for train.py, so `load_checkpoint(workdir)` reads the result."""
-    from mimo_jax.data import check_tokenizer_fits, make_tokenizer
-    from mimo_jax.train_step import make_optimizer, router_bias_step, sharded_train_step
-    from mimo_jax.training import _checkpoint_manager, _initial_model, _restore, _save
+def mopd_objective_of(cfg: MOPDConfig) -> Objective:
+    """The train step's objective in mopd mode: `mopd_objective` over the batch's `mopd_inputs`."""
+    return Objective(lambda out, batch: mopd_objective(out, batch["input_ids"], batch, cfg), mopd_inputs(cfg))
 
+
+def mopd_mode(cfg: Config, tokenizer, mesh, log) -> RunMode:
+    """train.mode=mopd for `run_loop.run`: each step's batch is `prompts_per_step` x
+    `rollouts_per_prompt` fresh student rollouts scored by their domains' teachers (the data
+    position is the step number, so nothing but the step is checkpointed). The student starts from
+    `train.init_from`; `train.batch_size` does not apply."""
     mcfg, tcfg = cfg.mopd, cfg.train
     if not mcfg.prompts or not mcfg.teachers:
         raise ConfigError("train.mode=mopd needs mopd.prompts and mopd.teachers")
@@ -290,28 +292,7 @@ def train_mopd(cfg: Config, workdir: str, log=print) -> list[dict]:
         raise ConfigError(f"mopd.outcome_weight > 0 needs mopd.rewards for every domain; missing "
                           f"{sorted(set(teachers_by_domain) - set(rewards))}")
     eval_records = load_prompts(mcfg.eval_prompts) if mcfg.eval_prompts else []
-    distributed.initialize(cfg.distributed)
-    os.makedirs(workdir, exist_ok=True)
-    if distributed.is_main_process():
-        with open(os.path.join(workdir, "config.yaml"), "w") as f:
-            yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    tokenizer = make_tokenizer(cfg.data)
-    check_tokenizer_fits(tokenizer, cfg.model.vocab_size)
-    mesh = sharding.make_mesh(cfg.mesh)
-
-    graphdef, params, rest = nnx.split(_initial_model(cfg), nnx.Param, ...)
-    rows = mcfg.prompts_per_step * mcfg.rollouts_per_prompt  # the step's batch (train.batch_size is unused)
-    tx = make_optimizer(tcfg, params)
-    step_fn, shardings = sharded_train_step(graphdef, params, rest, tx, mesh, cfg.sharding, (rows, tcfg.seq_len),
-                                            dataclasses.replace(tcfg, batch_size=rows), mcfg)
-    params = jax.device_put(params, shardings["params"])
-    rest = jax.device_put(rest, shardings["rest"])
-    opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
-    bias_fn = jax.jit(lambda p, r, loads: router_bias_step(graphdef, p, r, loads, tcfg.bias_update_rate),
-                      out_shardings=(shardings["rest"], None))
     teachers = {}  # path -> (scorer, params sharded like the student's)
-    from mimo_jax.training import load_model
-
     for path in sorted(set(teachers_by_domain.values())):
         try:
             teacher = load_model(path, cfg.model.param_dtype)
@@ -322,86 +303,64 @@ def train_mopd(cfg: Config, workdir: str, log=print) -> list[dict]:
         teachers[path] = (teacher_scorer(t_graphdef, mcfg.teacher_top_k), jax.device_put(t_params, t_shardings))
         log(f"teacher {path} for domains {sorted(d for d, p in teachers_by_domain.items() if p == path)}")
 
-    manager = _checkpoint_manager(workdir, tcfg.keep_checkpoints)
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    start = manager.latest_step() or 0
-    if start:
-        state = _restore(manager, start, {"params": params, "opt_state": opt_state, "rest": rest}, None)
-        params, opt_state, rest = state["params"], state["opt_state"], state["rest"]
-        log(f"resumed from {workdir}/checkpoints/{start}")
-    elif distributed.is_main_process():
-        open(metrics_path, "w").close()
+    def next_batch(step, model, place):
+        pick = np.random.default_rng([tcfg.seed, step]).choice(len(records), mcfg.prompts_per_step,
+                                                                replace=len(records) < mcfg.prompts_per_step)
+        chosen = [records[i] for i in pick]
+        batch = rollout_batch(model(), tokenizer, chosen, mcfg, tcfg.seq_len, seed=tcfg.seed * 1_000_003 + step)
+        domains = [r["domain"] for r in chosen for _ in range(mcfg.rollouts_per_prompt)]
+        answers = [r.get("answer", "") for r in chosen for _ in range(mcfg.rollouts_per_prompt)]
+        prompts = [r["prompt"] for r in chosen for _ in range(mcfg.rollouts_per_prompt)]
+        reward_R = np.array([rewards[d](p, c, a) if d in rewards else 0.0
+                             for d, p, c, a in zip(domains, prompts, batch["completions"], answers)], np.float32)
+        outcome = group_advantages(reward_R, mcfg.rollouts_per_prompt)
+        ids, seg = place(batch["input_ids"]), place(batch["segment_ids"])
+        host = {"completion_mask": batch["completion_mask"], "sample_logprobs": batch["sample_logprobs"],
+                "outcome_advantage": np.broadcast_to(outcome[:, None], batch["input_ids"].shape).copy()}
+        for path, (score, t_params) in teachers.items():  # each row keeps its own domain's teacher
+            mine = np.array([teachers_by_domain[d] == path for d in domains])
+            for name, value in score(t_params, ids, seg).items():
+                value = np.asarray(value)
+                host.setdefault(name, np.zeros_like(value))[mine] = value[mine]
+        step_batch = {"input_ids": ids, "segment_ids": seg, **{name: place(host[name]) for name in mopd_inputs(mcfg)}}
+        return step_batch, (domains, reward_R, batch["rollout_length"])
 
-    def evaluate(step: int) -> dict:
+    def record(metrics, context):
+        domains, reward_R, lengths = context
+        row_metrics = {k: np.asarray(v) for k, v in metrics.items() if k.startswith("row_")}
+        return {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+                "domains": _per_domain(domains, row_metrics, reward_R, lengths)}
+
+    def evaluate(step, model, place=None):
         if not eval_records:
             return {}
         per_domain = {}
         for domain in sorted({r["domain"] for r in eval_records}):
             subset = [r for r in eval_records if r["domain"] == domain][: mcfg.eval_max_prompts]
-            per_domain.update(domain_accuracy(nnx.merge(graphdef, params, rest), tokenizer, subset,
-                                              mcfg.max_new_tokens, rewards))
+            per_domain.update(domain_accuracy(model(), tokenizer, subset, mcfg.max_new_tokens, rewards))
         log(f"step {step}: eval accuracy " + ", ".join(f"{d} {a:.3f}" for d, a in per_domain.items()))
         return {"eval_accuracy": per_domain}
 
-    records_out = []
-    with open(metrics_path, "a") as metrics_file:
-        if start == 0 and distributed.is_main_process():
-            metrics_file.write(json.dumps({"step": 0, **evaluate(0)}) + "\n")
-        for step in range(start + 1, tcfg.steps + 1):
-            t0 = time.perf_counter()
-            pick = np.random.default_rng([tcfg.seed, step]).choice(len(records), mcfg.prompts_per_step,
-                                                                    replace=len(records) < mcfg.prompts_per_step)
-            chosen = [records[i] for i in pick]
-            batch = rollout_batch(nnx.merge(graphdef, params, rest), tokenizer, chosen, mcfg, tcfg.seq_len,
-                                  seed=tcfg.seed * 1_000_003 + step)
-            domains = [r["domain"] for r in chosen for _ in range(mcfg.rollouts_per_prompt)]
-            answers = [r.get("answer", "") for r in chosen for _ in range(mcfg.rollouts_per_prompt)]
-            prompts = [r["prompt"] for r in chosen for _ in range(mcfg.rollouts_per_prompt)]
-            reward_R = np.array([rewards[d](p, c, a) if d in rewards else 0.0
-                                 for d, p, c, a in zip(domains, prompts, batch["completions"], answers)], np.float32)
-            outcome = group_advantages(reward_R, mcfg.rollouts_per_prompt)
-            ids = distributed.global_batch(batch["input_ids"], shardings["batch"])
-            seg = distributed.global_batch(batch["segment_ids"], shardings["batch"])
-            extras = {"completion_mask": batch["completion_mask"], "sample_logprobs": batch["sample_logprobs"],
-                      "outcome_advantage": np.broadcast_to(outcome[:, None], batch["input_ids"].shape).copy()}
-            for path, (score, t_params) in teachers.items():  # each row keeps its own domain's teacher
-                mine = np.array([teachers_by_domain[d] == path for d in domains])
-                for name, value in score(t_params, ids, seg).items():
-                    value = np.asarray(value)
-                    extras.setdefault(name, np.zeros_like(value))[mine] = value[mine]
-            params, opt_state, metrics = step_fn(
-                params, opt_state, rest, ids, seg,
-                *(distributed.global_batch(extras[name], shardings["batch"]) for name in mopd_inputs(mcfg)))
-            rest, _ = bias_fn(params, rest, metrics["router"])
-            row_metrics = {k: np.asarray(v) for k, v in metrics.items() if k.startswith("row_")}
-            record = {"step": step, "loss": float(metrics["mopd_loss"]), "grad_norm": float(metrics["grad_norm"]),
-                      "domains": _per_domain(domains, row_metrics, reward_R, batch["rollout_length"]),
-                      "step_seconds": time.perf_counter() - t0}
-            if tcfg.eval_every and step % tcfg.eval_every == 0 or step == tcfg.steps:
-                record.update(evaluate(step))
-            records_out.append(record)
-            if distributed.is_main_process():
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                if step % tcfg.log_every == 0 or step == tcfg.steps:
-                    log(f"step {step}/{tcfg.steps} | loss {record['loss']:.4f} | " + " | ".join(
-                        f"{d}: rkl {m['reverse_kl']:.3f} agree {m['teacher_argmax_agreement']:.2f} "
-                        f"reward {m['outcome_reward']:.2f} masked {m['masked_fraction']:.3f} len {m['rollout_length']:.1f}"
-                        for d, m in record["domains"].items()) + f" | {record['step_seconds']:.2f} s")
-            if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
-                _save(manager, step, {"params": params, "opt_state": opt_state, "rest": rest}, None, cfg)
-    manager.wait_until_finished()
-    manager.close()
-    return records_out
+    def progress(r, total):
+        return f"step {r['step']}/{total} | loss {r['loss']:.4f} | " + " | ".join(
+            f"{d}: rkl {m['reverse_kl']:.3f} agree {m['teacher_argmax_agreement']:.2f} "
+            f"reward {m['outcome_reward']:.2f} masked {m['masked_fraction']:.3f} len {m['rollout_length']:.1f}"
+            for d, m in r["domains"].items()) + f" | {r['step_seconds']:.2f} s"
+
+    return RunMode(objective=mopd_objective_of(mcfg), rows=mcfg.prompts_per_step * mcfg.rollouts_per_prompt,
+                   next_batch=next_batch, record=record, evaluate=evaluate,
+                   first_record=lambda model: evaluate(0, model), progress=progress)
+
+
+def train_mopd(cfg: Config, workdir: str, log=print) -> list[dict]:
+    """Runs (or resumes) MOPD in the shared loop (`run_loop.run`); checkpoints, config.yaml and
+    metrics.jsonl are laid out as for train.py, so `load_checkpoint(workdir)` reads the result."""
+    return run(cfg, workdir, mopd_mode, log)
 
 
 def main(argv=None) -> int:
     """`python -m mimo_jax.mopd eval --prompts P.jsonl --model W1 [--model W2 ...]`: greedy
     accuracy per domain of each model (train.py workdirs or HF directories)."""
-    import argparse
-
-    from mimo_jax.serving import load_served
-
     parser = argparse.ArgumentParser(prog="python -m mimo_jax.mopd", description=main.__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     ev = sub.add_parser("eval", help="per-domain greedy accuracy")

@@ -19,11 +19,11 @@ from flax import nnx
 
 from mimo_jax.config import ConfigError, ModelConfig, load_config
 from mimo_jax.layers import RouterBias
-from mimo_jax.model import MiMoV2Flash
+from mimo_jax.model import abstract_model
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
-    model = nnx.eval_shape(lambda: MiMoV2Flash(cfg, rngs=nnx.Rngs(0)))
+    model = abstract_model(cfg)
     params = nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, RouterBias)))
     sizes = {path: math.prod(var.get_value().shape) for path, var in params}
     mtp = sum(n for path, n in sizes.items() if path[0] == "mtp")

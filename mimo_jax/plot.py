@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from matplotlib.figure import Figure  # no pyplot: no GUI backend, and a notebook's stays as it is
+
 
 def read_metrics(workdir: str) -> tuple[list[dict], float | None]:
     path = os.path.join(workdir, "metrics.jsonl")
@@ -27,16 +29,12 @@ def read_metrics(workdir: str) -> tuple[list[dict], float | None]:
 
 
 def plot(workdir: str, out: str | None = None) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     records, baseline = read_metrics(workdir)
     if not records:
         raise ValueError(f"{workdir}/metrics.jsonl has no training steps yet")
     steps = [r["step"] for r in records]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig = Figure(figsize=(16, 4.5))
+    axes = fig.subplots(1, 3)
     ax = axes[0]
     ax.plot(steps, [r["lm"] for r in records], label="train LM loss", lw=1)
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
@@ -61,7 +59,6 @@ def plot(workdir: str, out: str | None = None) -> str:
     fig.tight_layout()
     out = out or os.path.join(workdir, "curves.png")
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out
 
 

@@ -22,13 +22,15 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from mimo_jax.config import MESH_AXES, MeshConfig, ShardingRules
 
 __all__ = ["MESH_AXES", "MeshConfig", "ShardingRules", "activate", "constrain", "logical_spec", "make_mesh",
-           "shard_model", "spec", "state_shardings"]
+           "shard_model", "state_shardings"]
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices: Sequence | None = None) -> Mesh:
@@ -42,8 +44,6 @@ def make_mesh(mesh_cfg: MeshConfig, devices: Sequence | None = None) -> Mesh:
     devices = list(devices)
     shape = mesh_cfg.shape(len(devices))
     if devices and getattr(devices[0], "platform", "") == "tpu":
-        from jax.experimental import mesh_utils
-
         grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
     else:
         grid = np.array(devices).reshape(shape)
@@ -130,20 +130,9 @@ def constrain(x, logical_axes: Sequence[str | None]):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_spec(logical_axes, rules, mesh, x.shape)))
 
 
-def spec(logical_axes: Sequence[str | None], shape: Sequence[int] | None = None) -> PartitionSpec:
-    """PartitionSpec of the active rules (replicated outside `activate`)."""
-    ctx = _ACTIVE.get()
-    if ctx is None:
-        return PartitionSpec()
-    mesh, rules = ctx
-    return logical_spec(logical_axes, rules, mesh, shape)
-
-
 def optimizer_shardings(tx, opt_state, param_shardings, mesh: Mesh):
     """Shardings for an optax state: every params-shaped part (Adam's moments...) like the params,
     the rest (step counts) replicated."""
-    import optax
-
     return optax.tree_map_params(tx, lambda _, s: s, opt_state, param_shardings,
                                  transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()),
                                  is_leaf=lambda x: isinstance(x, NamedSharding))

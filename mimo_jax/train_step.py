@@ -8,6 +8,9 @@ optimizer.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -16,14 +19,15 @@ from jax.sharding import Mesh, NamedSharding
 
 from mimo_jax import sharding
 from mimo_jax.config import ModelConfig, ShardingRules, TrainConfig
-from mimo_jax.model import MiMoV2Flash
+from mimo_jax.model import abstract_model
+from mimo_jax.moe import RouterStats
 from mimo_jax.objective import lm_loss, mtp_distill_loss
 from mimo_jax.router_balance import load_imbalance, update_router_bias
 
 
 def abstract_model_state(cfg: ModelConfig):
     """(graphdef, params, rest) of a model as ShapeDtypeStructs: nothing is allocated."""
-    return nnx.split(nnx.eval_shape(lambda: MiMoV2Flash(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
+    return nnx.split(abstract_model(cfg), nnx.Param, ...)
 
 
 def learning_rate_schedule(train: TrainConfig):
@@ -58,36 +62,43 @@ def make_optimizer(train: TrainConfig, params) -> optax.GradientTransformation:
     return tx
 
 
-def extra_inputs(train: TrainConfig, mopd=None) -> tuple[str, ...]:
-    """The names of the per-token arrays ([B, T, ...]) a step takes after input_ids and segment_ids
-    (`mopd.mopd_inputs`, with `mopd` the MOPDConfig, in mopd mode)."""
-    if train.mode == "mopd":
-        from mimo_jax.mopd import mopd_inputs
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """A training mode's loss: `loss(model_output, batch) -> (loss, metrics)`, with `batch` a dict of
+    [B, T, ...] arrays: input_ids, segment_ids and the mode's `inputs`, which the step takes, in
+    that order, after input_ids and segment_ids."""
 
-        return mopd_inputs(mopd)
-    return ()
+    loss: Callable
+    inputs: tuple[str, ...] = ()
+
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        return ("input_ids", "segment_ids") + self.inputs
 
 
-def train_step_fn(graphdef, tx: optax.GradientTransformation, train: TrainConfig = TrainConfig(), mopd=None):
-    """step(params, opt_state, rest, input_ids, segment_ids, *extras) -> (params, opt_state, metrics).
+def lm_objective(train: TrainConfig) -> Objective:
+    """LM + MTP loss (`train.mode=lm`), or the MTP heads' self-distillation (`mtp_distill`)."""
+    if train.mode == "mtp_distill":
+        return Objective(lambda out, batch: mtp_distill_loss(out, batch["input_ids"], batch["segment_ids"]))
+    return Objective(lambda out, batch: lm_loss(out, batch["input_ids"], batch["segment_ids"], train.mtp_weight,
+                                                train.balance_weight, train.z_loss_weight))
 
-    `extras` are the per-token inputs of `train.mode=mopd` (`extra_inputs(train, mopd)`, with `mopd`
-    its MOPDConfig). With grad_accum_steps > 1 the batch is split into that many micro-batches whose
-    gradients are averaged before one optimizer update. metrics["router"] holds the router loads
-    for `router_bias_step`.
+
+def train_step_fn(graphdef, tx: optax.GradientTransformation, train: TrainConfig = TrainConfig(),
+                  objective: Objective | None = None):
+    """step(params, opt_state, rest, input_ids, segment_ids, *inputs) -> (params, opt_state, metrics).
+
+    `objective` gives the loss and names the per-token `inputs` after input_ids and segment_ids
+    (default: `lm_objective(train)`, which takes none). With grad_accum_steps > 1 the batch is split
+    into that many micro-batches whose gradients are averaged before one optimizer update.
+    metrics["router"] holds the router loads for `router_bias_step`.
     """
+    objective = lm_objective(train) if objective is None else objective
 
-    def loss_fn(params, rest, input_ids_BT, segment_ids_BT, *extras):
-        out = nnx.merge(graphdef, params, rest)(input_ids_BT, segment_ids_BT)
-        if train.mode == "mtp_distill":
-            loss, metrics = mtp_distill_loss(out, input_ids_BT, segment_ids_BT)
-        elif train.mode == "mopd":
-            from mimo_jax.mopd import mopd_objective
-
-            loss, metrics = mopd_objective(out, input_ids_BT, dict(zip(extra_inputs(train, mopd), extras)), mopd)
-        else:
-            loss, metrics = lm_loss(out, input_ids_BT, segment_ids_BT, train.mtp_weight, train.balance_weight,
-                                    train.z_loss_weight)
+    def loss_fn(params, rest, *arrays):
+        batch = dict(zip(objective.batch_keys, arrays))
+        out = nnx.merge(graphdef, params, rest)(batch["input_ids"], batch["segment_ids"])
+        loss, metrics = objective.loss(out, batch)
         return loss, {**metrics, "loss": loss, "router": {k: s.load_E for k, s in out.router.items()}}
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -123,8 +134,6 @@ def train_step_fn(graphdef, tx: optax.GradientTransformation, train: TrainConfig
 def router_bias_step(graphdef, params, rest, router_loads: dict, rate: float):
     """The rest state (router biases...) after b_e += rate * sign(mean load - load_e); and the
     load imbalance (max / mean load, averaged over MoE layers) of the step that produced the loads."""
-    from mimo_jax.moe import RouterStats
-
     model = nnx.merge(graphdef, params, rest)
     stats = {k: RouterStats(load_E=v, balance=jnp.float32(0)) for k, v in router_loads.items()}
     imbalance = load_imbalance(stats)
@@ -134,7 +143,7 @@ def router_bias_step(graphdef, params, rest, router_loads: dict, rate: float):
 
 
 def sharded_train_step(graphdef, params, rest, tx, mesh: Mesh, rules: ShardingRules, batch_shape,
-                       train: TrainConfig = TrainConfig(), mopd=None):
+                       train: TrainConfig = TrainConfig(), objective: Objective | None = None):
     """(jitted step, shardings dict) for `params`/`rest` (arrays or abstract) on `mesh`.
 
     The shardings dict has "params", "opt_state", "rest" and "batch" for device_put / restore.
@@ -145,7 +154,8 @@ def sharded_train_step(graphdef, params, rest, tx, mesh: Mesh, rules: ShardingRu
         "batch": NamedSharding(mesh, sharding.logical_spec(("batch", "seq"), rules, mesh, batch_shape)),
     }
     shardings["opt_state"] = sharding.optimizer_shardings(tx, jax.eval_shape(tx.init, params), shardings["params"], mesh)
-    step = train_step_fn(graphdef, tx, train, mopd)
+    objective = lm_objective(train) if objective is None else objective
+    step = train_step_fn(graphdef, tx, train, objective)
 
     def traced(*args):
         with sharding.activate(mesh, rules):
@@ -154,7 +164,7 @@ def sharded_train_step(graphdef, params, rest, tx, mesh: Mesh, rules: ShardingRu
     jitted = jax.jit(
         traced,
         in_shardings=(shardings["params"], shardings["opt_state"], shardings["rest"],
-                      *(shardings["batch"],) * (2 + len(extra_inputs(train, mopd)))),
+                      *(shardings["batch"],) * len(objective.batch_keys)),
         out_shardings=(shardings["params"], shardings["opt_state"], None),
         donate_argnums=(0, 1),
     )

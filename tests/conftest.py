@@ -4,7 +4,12 @@ import shutil
 import tempfile
 
 import jax
+import orbax.checkpoint as ocp
 import pytest
+import yaml
+from flax import nnx
+
+from mimo_jax.config import to_dict
 
 GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "golden")
 
@@ -33,3 +38,18 @@ SMALL_OVERRIDES = (
 def small_overrides():
     """SMALL_OVERRIDES, as a list a test may extend."""
     return list(SMALL_OVERRIDES)
+
+
+def write_workdir(path, cfg, model) -> None:
+    """A train.py workdir of `model`: config.yaml and one checkpoint laid out as checkpoint.save_state
+    writes them, without optimizer and data state, which the loaders do not read (running train.py
+    would spend ~25 s compiling a train step)."""
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.yaml"), "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    manager = ocp.CheckpointManager(os.path.join(os.path.abspath(path), "checkpoints"))
+    manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params, "rest": rest}),
+                                            config=ocp.args.JsonSave(to_dict(cfg))))
+    manager.wait_until_finished()
+    manager.close()

@@ -129,11 +129,9 @@ def test_prompts_and_rewards_are_checked(tmp_path):
         MOPDConfig(teachers=("no_equals_sign",))
 
 
-def test_train_py_mopd_end_to_end(tmp_path, small_overrides):
-    """`train.py ... train.mode=mopd` from a HF-directory teacher: per-domain metrics, a checkpoint
-    that load_checkpoint reads, and a resume that continues from it."""
+def _mopd_run(tmp_path, small_overrides):
+    """(teacher directory, train.py overrides of a small MOPD run whose student starts from it)."""
     from mimo_jax import save_hf
-    from mimo_jax.training import load_checkpoint, main
 
     base = [*small_overrides, "model.vocab_size=260", "train.seq_len=32", "train.log_every=1"]
     teacher = str(tmp_path / "teacher")
@@ -145,6 +143,15 @@ def test_train_py_mopd_end_to_end(tmp_path, small_overrides):
             f"mopd.teachers=[add={teacher}, echo={teacher}]", "mopd.rewards=[add=exact_match]",
             "mopd.prompts_per_step=2", "mopd.rollouts_per_prompt=2", "mopd.max_new_tokens=4",
             "train.eval_every=0", "train.checkpoint_every=2", f"train.init_from={teacher}"]
+    return teacher, mopd
+
+
+def test_train_py_mopd_end_to_end(tmp_path, small_overrides):
+    """`train.py ... train.mode=mopd` from a HF-directory teacher: per-domain metrics, a checkpoint
+    that load_checkpoint reads, and a resume that continues from it."""
+    from mimo_jax.training import load_checkpoint, main
+
+    teacher, mopd = _mopd_run(tmp_path, small_overrides)
     student = str(tmp_path / "student")
     main(["--config", "tiny", "--workdir", student, *mopd, "train.steps=2"])
     # The resume also switches to the top-k KL (its inputs are [B, T, K]); the state is the same.
@@ -161,3 +168,38 @@ def test_train_py_mopd_end_to_end(tmp_path, small_overrides):
     assert load_checkpoint(student).config.vocab_size == 260
     with pytest.raises(ConfigError, match=r"\['echo'\] have no teacher"):
         main(["--config", "tiny", "--workdir", str(tmp_path / "x"), *mopd, f"mopd.teachers=[add={teacher}]"])
+
+
+def test_mopd_saves_and_exits_on_sigterm_and_stops_on_a_nan_loss(tmp_path, small_overrides, monkeypatch, capsys):
+    """The shared loop's guards in mopd mode: SIGTERM mid-run saves a checkpoint and returns 0; a
+    non-finite loss stops the run with the last checkpoint kept and the metrics of the bad step."""
+    import signal
+
+    from mimo_jax import mopd as mopd_module
+    from mimo_jax.training import main
+
+    _, mopd = _mopd_run(tmp_path, small_overrides)
+    student = tmp_path / "student"
+    rollouts = mopd_module.rollout_batch
+
+    def rollouts_then_sigterm(model, tokenizer, records, cfg, seq_len, seed):
+        batch = rollouts(model, tokenizer, records, cfg, seq_len, seed)
+        if seed % 1_000_003 == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # during step 1: the loop finishes it, saves, exits
+        return batch
+
+    monkeypatch.setattr(mopd_module, "rollout_batch", rollouts_then_sigterm)
+    assert main(["--config", "tiny", "--workdir", str(student), *mopd, "train.steps=50",
+                 "train.checkpoint_every=50"]) == 0
+    assert "saved checkpoint 1, exiting" in capsys.readouterr().err
+    assert sorted(p.name for p in (student / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+
+    monkeypatch.setattr(mopd_module, "rollout_batch", rollouts)
+    objective = mopd_module.mopd_objective
+    monkeypatch.setattr(mopd_module, "mopd_objective",
+                        lambda *args: (lambda loss, metrics: (loss * jnp.nan, metrics))(*objective(*args)))
+    with pytest.raises(FloatingPointError, match="loss became nan at step 2; the last checkpoint is kept"):
+        main(["--config", "tiny", "--workdir", str(student), *mopd, "train.steps=3", "train.checkpoint_every=1"])
+    assert sorted(p.name for p in (student / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+    lines = [json.loads(line) for line in open(student / "metrics.jsonl")]
+    assert [r["step"] for r in lines] == [0, 1, 2] and not np.isfinite(lines[-1]["loss"])

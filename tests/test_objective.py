@@ -86,3 +86,33 @@ def test_schedule_warms_up_holds_then_decays():
     assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(5e-4)
     assert float(lr(10)) == pytest.approx(1e-3) and float(lr(29)) == pytest.approx(1e-3)
     assert 1e-4 < float(lr(60)) < 1e-3 and float(lr(100)) == pytest.approx(1e-4)
+
+
+def test_router_stats_leave_out_padding_positions():
+    # One row of 4 positions, top-1 of 2 experts: tokens 0, 1 chose expert 0, tokens 2, 3 expert 1;
+    # position 3 is padding (segment id 0). Over the 3 real tokens expert 0 has 2 of 3 choices.
+    experts = jnp.array([[[0], [0], [1], [1]]], jnp.int32)
+    scores = jnp.array([[[0.6, 0.2], [0.6, 0.2], [0.2, 0.6], [0.2, 0.6]]])
+    padded = router_stats(scores, experts, 2, jnp.array([[1, 1, 1, 0]]))
+    np.testing.assert_allclose(padded.load_E, [2 / 3, 1 / 3], rtol=1e-6)
+    # balance = E * sum_e f_e P_e over the real tokens: f = (2/3, 1/3), P = ((.75 + .75 + .25) / 3, (.25 + .25 + .75) / 3).
+    assert float(padded.balance) == pytest.approx(2 * (2 / 3 * 1.75 / 3 + 1 / 3 * 1.25 / 3), rel=1e-6)
+    everything = router_stats(scores, experts, 2)  # without segment ids every position counts
+    np.testing.assert_allclose(everything.load_E, [0.5, 0.5], rtol=1e-6)
+    assert float(everything.balance) == pytest.approx(1.0, rel=1e-6)
+    # A row of padding only adds nothing: neither to the loads nor to the balance average.
+    two_rows = router_stats(jnp.concatenate([scores, scores]), jnp.concatenate([experts, experts]), 2,
+                            jnp.array([[1, 1, 1, 0], [0, 0, 0, 0]]))
+    np.testing.assert_allclose(two_rows.load_E, padded.load_E, rtol=1e-6)
+    assert float(two_rows.balance) == pytest.approx(float(padded.balance), rel=1e-6)
+
+
+def test_model_router_loads_ignore_padded_positions(small_overrides):
+    model = MiMoV2Flash(load_config("tiny", small_overrides).model, rngs=nnx.Rngs(0))
+    ids = jax.random.randint(jax.random.key(1), (1, 16), 0, model.config.vocab_size)
+    real = model(ids[:, :10]).router
+    # The same 10 tokens followed by 6 padding positions: causal attention keeps the real tokens'
+    # hidden states (hence routes) as they were, and the padding's routes are left out.
+    padded = model(ids, jnp.array([[1] * 10 + [0] * 6])).router
+    for key in real:
+        np.testing.assert_allclose(padded[key].load_E, real[key].load_E, atol=1e-6)

@@ -112,8 +112,9 @@ def test_plan_compiles_a_tiny_model_for_a_v5e_slice_and_reports_memory_and_flops
 
     assert result.fits and result.error is None
     assert result.params_bytes == _independent_param_bytes(cfg.model, 4)
-    # AdamW's two moments in the params' dtype, plus its int32 step count.
-    assert result.opt_bytes == 2 * result.params_bytes + 4
+    # train.py's optimizer (make_optimizer(cfg.train)): AdamW's two moments in the params' dtype, plus
+    # two int32 step counts (Adam's and the learning-rate schedule's).
+    assert result.opt_bytes == 2 * result.params_bytes + 8
     for value in (result.argument_bytes, result.temp_bytes, result.peak_bytes, result.flops_per_device,
                   result.traced_flops["total"], result.step_seconds):
         assert value > 0
@@ -256,7 +257,7 @@ def test_cache_shardings_follow_the_cache_rules():
     assert swa and shardings.layers[swa[0]].k.spec == P(None, None, None, None, "tensor")  # a 35-slot ring
     # The MTP heads' [heads, B, 36 slots, K, D] rings split their slots too (36 divides over fsdp); positions by batch.
     assert shardings.mtp.k.spec == P(None, None, "fsdp", "tensor") and shardings.ring_positions.spec == P()
-    assert plan._bytes_per_device(cache, shardings) < plan._bytes_per_device(cache, jax.tree.map(
+    assert plan.bytes_per_device(cache, shardings) < plan.bytes_per_device(cache, jax.tree.map(
         lambda s: jax.sharding.NamedSharding(mesh, P()), shardings))
 
 

@@ -21,13 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
-import yaml
 from flax import nnx
 
 from mimo_jax import inference, serving
-from mimo_jax.config import load_config, to_dict
+from mimo_jax.config import load_config
 from mimo_jax.data import ByteTokenizer, HFTokenizer
 from mimo_jax.model import MiMoV2Flash
+from tests.conftest import write_workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = [
@@ -76,8 +76,6 @@ def _write_hf_tokenizer(path):
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     """A workdir (config.yaml + an Orbax checkpoint as train.py writes it) and an HF export of one model."""
-    import orbax.checkpoint as ocp
-
     from mimo_jax import save_hf
 
     root = tmp_path_factory.mktemp("serving")
@@ -89,18 +87,8 @@ def dirs(tmp_path_factory):
     lm_head[:, ~keep] = 0.0
     model.lm_head[...] = jnp.asarray(lm_head)
 
-    # The workdir layout of training._save (config.yaml; checkpoint items "state" {params, rest, ...} and
-    # "config"), without optimizer and data state, which load_checkpoint does not read: running train.py
-    # would spend ~25 s compiling a train step.
     workdir = root / "tiny-run"
-    workdir.mkdir()
-    (workdir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    _, params, rest = nnx.split(model, nnx.Param, ...)
-    manager = ocp.CheckpointManager(str(workdir / "checkpoints"))
-    manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params, "rest": rest}),
-                                            config=ocp.args.JsonSave(to_dict(cfg))))
-    manager.wait_until_finished()
-    manager.close()
+    write_workdir(str(workdir), cfg, model)
 
     hf_dir = root / "tiny-hf"
     save_hf(model, str(hf_dir), dtype=jnp.float32)

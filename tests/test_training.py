@@ -167,7 +167,8 @@ def test_fine_tuning_starts_from_hf_weights_or_another_run(tmp_path):
 
     from mimo_jax import MiMoV2Flash, save_hf
     from mimo_jax.config import load_config
-    from mimo_jax.training import _initial_model, load_checkpoint, train
+    from mimo_jax.checkpoint import initial_model
+    from mimo_jax.training import load_checkpoint, train
 
     cfg = load_config("tiny", SMALL + ["train.steps=2", "train.checkpoint_every=1000"])
     train(cfg, str(tmp_path / "first"), log=lambda _: None)
@@ -175,6 +176,6 @@ def test_fine_tuning_starts_from_hf_weights_or_another_run(tmp_path):
     save_hf(first, str(tmp_path / "hf"), dtype=jnp.float32)
     for source in (tmp_path / "hf", tmp_path / "first"):
         cfg2 = load_config("tiny", SMALL + [f"train.init_from={source}"])
-        np.testing.assert_allclose(_initial_model(cfg2).embed[...], first.embed[...], rtol=1e-6)
+        np.testing.assert_allclose(initial_model(cfg2).embed[...], first.embed[...], rtol=1e-6)
     scratch = MiMoV2Flash(cfg.model, rngs=nnx.Rngs(0))
     assert not np.allclose(scratch.embed[...], first.embed[...])

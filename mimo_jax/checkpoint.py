@@ -1,0 +1,153 @@
+"""Model directories: the Orbax workdir of a training run, and the one loader for every model path.
+
+A train.py workdir holds `config.yaml`, `metrics.jsonl` and `checkpoints/<step>/` (model,
+optimizer state, router biases and, in LM mode, the data iterator's position). A Hugging Face
+checkpoint directory holds `config.json` and safetensors.
+
+Every model path of the project (`train.init_from`, MOPD teachers, `serve.py --model`, the
+benchmarks, `python -m mimo_jax.mopd eval`) goes through `model_source`, so one precedence holds
+everywhere: **a directory with `checkpoints/` is a train.py workdir, even if it also holds a
+`config.json`** (say, an export written into the run's directory); only then is `config.json` read
+as a Hugging Face checkpoint. The workdir wins because it is the source of the export: full
+precision, with the router biases as trained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import grain
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import SingleDeviceSharding
+
+from mimo_jax.config import Config, ModelConfig, from_dict, to_dict
+from mimo_jax.hf_io import load_hf
+from mimo_jax.model import MiMoV2Flash, abstract_model
+
+WORKDIR, HF = "workdir", "hf"
+
+
+def model_source(path: str) -> str:
+    """WORKDIR or HF for a model directory, by the module's precedence; FileNotFoundError otherwise."""
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return WORKDIR
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return HF
+    raise FileNotFoundError(f"{path}: neither a train.py workdir (checkpoints/) nor a Hugging Face checkpoint "
+                            "directory (config.json)")
+
+
+def load_model(path: str, dtype=None) -> MiMoV2Flash:
+    """The model in a directory: a train.py workdir's latest checkpoint, in the run's own dtypes, or
+    a Hugging Face checkpoint loaded in `dtype` (default bfloat16). `dtype` does not apply to a
+    workdir."""
+    if model_source(path) == WORKDIR:
+        return load_checkpoint(path)
+    return load_hf(path, jnp.dtype(dtype or jnp.bfloat16))
+
+
+def load_checkpoint(workdir: str, step: int | None = None, model_cfg: ModelConfig | None = None) -> MiMoV2Flash:
+    """The model of a train.py workdir's checkpoint (latest by default), e.g. to export it with
+    `mimo_jax.save_hf(load_checkpoint("runs/tiny"), "out")` for transformers / vLLM / SGLang.
+
+    `model_cfg` builds the model from another config of the same shapes (say, other kernels);
+    by default the checkpoint's own config is used.
+    """
+    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint")
+    if model_cfg is None:
+        saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        model_cfg = from_dict(Config, saved).model
+    # An abstract target (nothing allocated or initialised), restored onto the default device.
+    graphdef, params, rest = nnx.split(abstract_model(model_cfg), nnx.Param, ...)
+    device = SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          {"params": params, "rest": rest})
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))["state"]
+    manager.close()
+    return nnx.merge(graphdef, restored["params"], restored["rest"])
+
+
+def initial_model(cfg: Config) -> MiMoV2Flash:
+    """A run's starting model: from scratch, or the weights in `train.init_from` (a workdir's latest
+    checkpoint or a Hugging Face checkpoint, by `model_source`; the optimizer and data start fresh),
+    built with the run's own model config (its kernels and compute dtype)."""
+    init = cfg.train.init_from
+    if not init:
+        return MiMoV2Flash(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
+    try:
+        source = model_source(init)
+    except FileNotFoundError as e:
+        raise ValueError(f"train.init_from={init!r}: {e}") from None
+    if source == WORKDIR:
+        return load_checkpoint(init, model_cfg=cfg.model)
+    # load_hf gives params and activations one dtype; the run's model may compute in another.
+    model = MiMoV2Flash(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
+    loaded = nnx.state(load_hf(init, jnp.dtype(cfg.model.param_dtype)))
+    ours = dict(nnx.to_flat_state(nnx.state(model)))
+    for path, var in nnx.to_flat_state(loaded):
+        want = ours[path].get_value().shape if path in ours else None
+        if want != var.get_value().shape:
+            raise ValueError(f"train.init_from={init!r}: {'/'.join(map(str, path))} has shape "
+                             f"{var.get_value().shape}, the configured model needs {want}")
+    nnx.update(model, loaded)
+    return model
+
+
+def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True),
+    )
+
+
+def save_state(manager, step: int, state: dict, data_iter, cfg: Config) -> None:
+    """Saves {params, opt_state, rest}, the config and, unless `data_iter` is None (a loop whose data
+    position is the step itself), the data iterator's position."""
+    data = {} if data_iter is None else {"data": grain.checkpoint.CheckpointSave(data_iter)}
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               config=ocp.args.JsonSave(to_dict(cfg)), **data))
+
+
+def restore_state(manager, step: int, target: dict, data_iter) -> dict:
+    """The saved state, laid out like `target`; restores `data_iter` in place when given."""
+    data = {} if data_iter is None else {"data": grain.checkpoint.CheckpointRestore(data_iter)}
+    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), **data))["state"]
+
+
+def truncate_metrics(path: str, after_step: int) -> None:
+    """Drops lines a killed run wrote after its last checkpoint, so the file reads as one run."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if json.loads(line).get("step", 0) <= after_step]
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
+class StopRequested:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps (then saves and exits)."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,315 @@
+"""Compiling one training, prefill or decode step for a TPU slice ahead of time, and reading the
+compiler's memory and cost figures into a `PlanResult`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from mimo_jax import sharding
+from mimo_jax.config import ConfigError
+from mimo_jax.flops import hand_flops_per_token, jaxpr_flops
+from mimo_jax.kv_cache import CACHE_AXES, init_cache
+from mimo_jax.plan.topology import GIB, PlanError, Topology, topology_devices
+from mimo_jax.sharding import logical_spec, make_mesh
+from mimo_jax.train_step import abstract_model_state, make_optimizer, sharded_train_step
+
+
+@dataclasses.dataclass
+class PlanResult:
+    mode: str
+    topology: str
+    chips: int
+    devices: int
+    mesh: dict[str, int]
+    remat: str
+    capacity_factor: float
+    global_batch: int
+    seq_len: int  # train: tokens per sequence; prefill / decode: the KV cache's length (context)
+    query_len: int = 0  # tokens per sequence in the step: seq_len (train), the chunk, 1 or num_draft + 1
+    num_draft: int = 0
+    compile_s: float = float("nan")
+    fits: bool = False
+    error: str | None = None
+    params_bytes: int = 0  # per device, from the shardings
+    opt_bytes: int = 0
+    cache_bytes: int = 0  # the KV cache (prefill / decode)
+    cache_seq: tuple[str, ...] = ()  # the sharding.cache_seq rule
+    cache_spec: str = ""  # how the largest cache buffer is laid out
+    rest_bytes: int = 0
+    argument_bytes: int = 0  # memory_analysis, per device
+    output_bytes: int = 0
+    alias_bytes: int = 0
+    temp_bytes: int = 0
+    code_bytes: int = 0
+    hbm_bytes: float = 0.0
+    flops_per_device: float = float("nan")
+    bytes_accessed_per_device: float = float("nan")
+    xla_seconds: float | None = None
+    roofline_seconds: float = float("nan")
+    stream_seconds: float = float("nan")  # parameters + KV cache read once from HBM (inference)
+    traced_flops: dict[str, float] = dataclasses.field(default_factory=dict)  # global, loops counted
+    hand: dict[str, float] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens through the model in one step."""
+        return self.global_batch * (self.query_len or self.seq_len)
+
+    @property
+    def tokens_per_second(self) -> tuple[float, float]:
+        """(fewest, most) tokens a second: a decode step emits 1 token per sequence, a verify step
+        1 to num_draft + 1 (as many drafts as agree, plus one); a prefill chunk advances the prompt
+        by the chunk (this step is the prompt's costliest chunk, so it is a lower bound)."""
+        rate = self.global_batch / self.step_seconds
+        if self.mode == "decode":
+            return rate, rate * (self.num_draft + 1)
+        return rate * self.query_len, rate * self.query_len
+
+    @property
+    def peak_bytes(self) -> int:
+        """Live HBM at the peak: arguments + non-aliased outputs + temporaries + code."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+
+    @property
+    def loop_factor(self) -> float:
+        """How much XLA's per-device count undercounts: it sees each scanned layer body once."""
+        traced = self.traced_flops.get("total", 0.0) / self.devices
+        if not traced or not self.flops_per_device > 0:
+            return 1.0
+        return max(1.0, traced / self.flops_per_device)
+
+    @property
+    def step_seconds(self) -> float:
+        """XLA's estimate scaled by the loop factor, or the roofline where XLA gives none."""
+        if self.xla_seconds and self.xla_seconds > 0:
+            return self.xla_seconds * self.loop_factor
+        return self.roofline_seconds
+
+    @property
+    def time_source(self) -> str:
+        if self.xla_seconds and self.xla_seconds > 0:
+            return "XLA optimal_seconds x loop factor"
+        return "roofline, XLA gave no usable estimate"
+
+
+def bytes_per_device(abstract_tree, sharding_tree) -> int:
+    total = 0
+    for value, placed in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(sharding_tree)):
+        total += math.prod(placed.shard_shape(value.shape)) * np.dtype(value.dtype).itemsize
+    return total
+
+
+def _with_shardings(abstract_tree, sharding_tree):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, sharding_tree)
+
+
+def build_mesh(cfg, topology: Topology):
+    devices = topology_devices(topology)
+    try:
+        return make_mesh(cfg.mesh, devices)
+    except ConfigError as e:
+        raise PlanError(f"mesh {dataclasses.asdict(cfg.mesh)} on {topology.name} ({len(devices)} devices): {e}") from None
+
+
+def batch_shards(mesh, rules) -> int:
+    return math.prod(mesh.shape[a] for a in rules.batch)
+
+
+DEFAULT_PREFILL_CHUNK = 8192
+SEQ_SHARDED_CACHE = ("data", "fsdp", "expert")  # --search's second KV cache layout (sharding.cache_seq)
+
+
+def compile_plan(cfg, topology: Topology, mode: str, seq_len: int, global_batch: int | None, *,
+                 prefill_chunk: int | None = None, num_draft: int = 0) -> PlanResult:
+    """Lowers and compiles the step for the topology and reads the compiler's figures.
+
+    train: one optimizer step; prefill: the last `prefill_chunk`-token chunk (default
+    DEFAULT_PREFILL_CHUNK, at most `seq_len`) of a prompt into a `seq_len`-token KV cache; decode:
+    one step of 1 (or `num_draft` + 1) tokens per sequence with a full `seq_len`-token cache."""
+
+    model_cfg = cfg.model
+    query_len = step_query_len(mode, seq_len, prefill_chunk, num_draft, model_cfg)
+    mesh = build_mesh(cfg, topology)
+    rules = cfg.sharding
+    devices = mesh.devices.size
+    shards = batch_shards(mesh, rules)
+    batch = global_batch or shards
+    result = PlanResult(mode=mode, topology=topology.name, chips=topology.chips, devices=devices,
+                        mesh=dict(mesh.shape), remat=model_cfg.remat, capacity_factor=model_cfg.moe_capacity_factor,
+                        global_batch=batch, seq_len=seq_len, query_len=query_len, num_draft=num_draft,
+                        hand=hand_flops_per_token(model_cfg, seq_len, mode, query_len))
+    if batch % shards:
+        result.notes.append(f"global batch {batch} does not divide over the {shards} batch shards "
+                            f"({'x'.join(rules.batch)}): the batch is replicated, every device computes it all")
+    if "expert" in mesh.shape and model_cfg.num_experts % mesh.shape["expert"]:
+        raise PlanError(f"expert axis {mesh.shape['expert']} does not divide {model_cfg.num_experts} experts")
+
+    graphdef, params, rest = abstract_model_state(model_cfg)
+    if mode == "train":
+        batch_shape = (batch, seq_len)
+        tx = make_optimizer(cfg.train, params)
+        step, shardings = sharded_train_step(graphdef, params, rest, tx, mesh, rules, batch_shape, cfg.train)
+        opt_state = jax.eval_shape(tx.init, params)
+        ids = jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=shardings["batch"])
+        args = (_with_shardings(params, shardings["params"]), _with_shardings(opt_state, shardings["opt_state"]),
+                _with_shardings(rest, shardings["rest"]), ids, ids)
+        result.opt_bytes = bytes_per_device(opt_state, shardings["opt_state"])
+    else:
+        cache = abstract_cache(model_cfg, batch, seq_len, num_draft)
+        logits_at = 1 if mode == "prefill" else query_len
+        step, shardings = _sharded_cached_step(graphdef, params, rest, cache, mesh, rules, (batch, query_len), logits_at,
+                                               model_cfg.vocab_size)
+        ids = jax.ShapeDtypeStruct((batch, query_len), jnp.int32, sharding=shardings["batch"])
+        args = (_with_shardings(params, shardings["params"]), _with_shardings(rest, shardings["rest"]),
+                _with_shardings(cache, shardings["cache"]), ids, ids)
+        result.cache_bytes = bytes_per_device(cache, shardings["cache"])
+        result.cache_seq = rules.cache_seq
+        largest = max(zip(jax.tree.leaves(cache), jax.tree.leaves(shardings["cache"])), key=lambda c: c[0].size)
+        result.cache_spec = f"{list(largest[0].shape)} as {largest[1].spec}"
+        if num_draft:
+            result.notes.append(f"verify step: {query_len} tokens per sequence through the main model; the cache "
+                                f"holds the MTP heads' rings too, but the {num_draft} drafting passes are not compiled")
+    result.params_bytes = bytes_per_device(params, shardings["params"])
+    result.rest_bytes = bytes_per_device(rest, shardings["rest"])
+
+    t0 = time.perf_counter()
+    traced = step.trace(*args)
+    result.traced_flops = jaxpr_flops(traced.jaxpr)
+    try:
+        compiled = traced.lower().compile()
+    except Exception as e:  # noqa: BLE001 - the compiler's verdict is the result
+        result.compile_s = time.perf_counter() - t0
+        text = str(e)
+        if "RESOURCE_EXHAUSTED" in text or "exceeds available HBM" in text or "Ran out of memory" in text:
+            result.error = "does not fit: " + _oom_summary(text)
+            return result
+        if isinstance(e, jax.errors.JaxRuntimeError):  # refused for another reason: a verdict too
+            result.error = "compiler error: " + " ".join(text.split())[:300]
+            return result
+        raise
+    result.compile_s = time.perf_counter() - t0
+    _read_compiled(result, compiled, topology)
+    return result
+
+
+def _oom_summary(text: str) -> str:
+    m = re.search(r"temporaries \(([\d.]+\w?)\) exceeds available HBM \(([\d.]+\w?)\)", text)
+    if m:
+        return f"temporaries {m.group(1)} > HBM {m.group(2)}"
+    m = re.search(r"[^\n]*(?:exceeds|Ran out of memory)[^\n]*", text)
+    return (m.group(0) if m else text.splitlines()[0]).strip()[:300]
+
+
+def _read_compiled(result: PlanResult, compiled, topology: Topology) -> None:
+    mem = compiled.memory_analysis()
+    result.argument_bytes = mem.argument_size_in_bytes
+    result.output_bytes = mem.output_size_in_bytes
+    result.alias_bytes = mem.alias_size_in_bytes
+    result.temp_bytes = mem.temp_size_in_bytes
+    result.code_bytes = mem.generated_code_size_in_bytes
+    cost = compiled.cost_analysis() or {}
+    if isinstance(cost, list):  # older jax returned one dict per program
+        cost = cost[0]
+    result.flops_per_device = float(cost.get("flops", float("nan")))
+    result.bytes_accessed_per_device = float(cost.get("bytes accessed", float("nan")))
+    xla = cost.get("optimal_seconds")
+    result.xla_seconds = float(xla) if xla is not None else None
+    per_chip = device_share(result, topology)
+    peak = topology.chip.peak_tflops * 1e12 * per_chip
+    bandwidth = topology.chip.hbm_gbps * 1e9 * per_chip
+    # Both counts with loop bodies multiplied out: flops from the traced program, bytes scaled alike.
+    flops = max(result.flops_per_device, result.traced_flops.get("total", 0.0) / result.devices)
+    result.roofline_seconds = max(flops / peak, result.bytes_accessed_per_device * result.loop_factor / bandwidth)
+    result.stream_seconds = (result.params_bytes + result.rest_bytes + result.cache_bytes) / bandwidth
+    result.hbm_bytes = topology.chip.hbm_gib * GIB * per_chip
+    result.fits = result.peak_bytes <= result.hbm_bytes
+
+
+def device_share(result: PlanResult, topology: Topology) -> float:
+    """The part of a chip one device is: 1, or 1/2 where libtpu lists each TensorCore (v4)."""
+    return topology.chips / result.devices
+
+
+def step_query_len(mode: str, seq_len: int, prefill_chunk: int | None, num_draft: int, model_cfg) -> int:
+    if num_draft and mode != "decode":
+        raise PlanError("--num-draft plans the speculative verify step: it needs --mode decode")
+    if prefill_chunk is not None and mode != "prefill":
+        raise PlanError("--prefill-chunk needs --mode prefill")
+    if mode == "train":
+        return seq_len
+    if mode == "prefill":
+        chunk = min(seq_len, DEFAULT_PREFILL_CHUNK) if prefill_chunk is None else prefill_chunk
+        if not 0 < chunk <= seq_len:
+            raise PlanError(f"--prefill-chunk {chunk} must be in 1..--seq-len ({seq_len})")
+        return chunk
+    if mode == "decode":
+        if num_draft:
+            try:
+                model_cfg.check_num_draft(num_draft)
+            except ValueError as e:
+                raise PlanError(f"--num-draft must be in 0..{model_cfg.num_mtp_heads} (0: plain decode): {e}") from None
+        if num_draft + 1 > seq_len:
+            raise PlanError(f"--seq-len {seq_len} is shorter than the {num_draft + 1} tokens of a step")
+        return num_draft + 1
+    raise PlanError(f"unknown mode {mode!r} (train, prefill or decode)")
+
+
+def abstract_cache(model_cfg, batch: int, seq_len: int, num_draft: int = 0):
+    """The KV cache of `batch` sequences of `seq_len` tokens as ShapeDtypeStructs (the MTP heads'
+    rings too when drafting)."""
+
+    return jax.eval_shape(lambda: init_cache(model_cfg, batch, seq_len, num_draft=num_draft, mtp=num_draft > 0))
+
+
+def cache_shardings(cache, mesh, rules):
+    """NamedShardings for a `kv_cache.KVCache` from the `cache_*` rules: K/V buffers
+    [..., B, S, K, D] by `kv_cache.CACHE_AXES` (the stacked-layer or MTP-head dims replicated), the
+    slot positions [B, R] by batch."""
+    def by(axes):
+        return lambda x: NamedSharding(mesh, logical_spec((None,) * (x.ndim - len(axes)) + tuple(axes), rules, mesh,
+                                                          x.shape))
+
+    kv = by(CACHE_AXES)
+    positions = by(("cache_batch", None))
+    return cache.replace(
+        layers=jax.tree.map(kv, cache.layers), ring_positions=positions(cache.ring_positions),
+        mtp=None if cache.mtp is None else jax.tree.map(kv, cache.mtp),
+        mtp_positions=None if cache.mtp_positions is None else positions(cache.mtp_positions))
+
+
+def _sharded_cached_step(graphdef, params, rest, cache, mesh, rules, batch_shape, logits_at: int, vocab: int):
+    """One cached model call on [B, T] tokens at the given positions: returns the logits of the
+    last `logits_at` positions ([B, logits_at, V], fp32) and the updated cache (donated)."""
+
+    shardings = {
+        "params": sharding.state_shardings(params, mesh, rules),
+        "rest": sharding.state_shardings(rest, mesh, rules),
+        "cache": cache_shardings(cache, mesh, rules),
+        "batch": NamedSharding(mesh, sharding.logical_spec(("batch", "seq"), rules, mesh, batch_shape)),
+    }
+    logits_shape = (batch_shape[0], logits_at, vocab)
+    logits_sharding = NamedSharding(mesh, sharding.logical_spec(("batch", "seq", "act_vocab"), rules, mesh,
+                                                                logits_shape))
+
+    def step(params, rest, cache, input_ids_BT, positions_BT):
+        with sharding.activate(mesh, rules):
+            model = nnx.merge(graphdef, params, rest)
+            out = model(input_ids_BT, positions_BT=positions_BT, cache=cache, logits=False)
+            # The final norm is per position: only the positions that need logits go through the lm_head.
+            return model.logits(out.hidden[:, -logits_at:]), out.cache
+
+    jitted = jax.jit(step, in_shardings=(shardings["params"], shardings["rest"], shardings["cache"],
+                                         shardings["batch"], shardings["batch"]),
+                     out_shardings=(logits_sharding, shardings["cache"]), donate_argnums=(2,),
+                     keep_unused=True)  # the MTP heads stay in HBM (they draft) though this step skips them
+    return jitted, shardings
