@@ -142,7 +142,8 @@ def train_step_rows(topology, seq_len, num_experts):
     import optax
     from flax import nnx
 
-    from mimo_jax import MiMoV2Flash, load_config
+    from mimo_jax import load_config
+    from mimo_jax.model import abstract_model
 
     overrides = [
         "model.num_layers=2", "model.layer_types=[global, swa]", "model.mlp_types=[dense, moe]",
@@ -151,7 +152,7 @@ def train_step_rows(topology, seq_len, num_experts):
         "model.kernel_mode=mosaic",
     ]
     cfg = load_config("mimo_v2_flash", overrides).model
-    graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: MiMoV2Flash(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
+    graphdef, params, rest = nnx.split(abstract_model(cfg), nnx.Param, ...)
     tx = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.1, mu_dtype=BF16)
     opt_state = jax.eval_shape(tx.init, params)
 

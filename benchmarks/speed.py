@@ -48,7 +48,7 @@ from flax import nnx  # noqa: E402
 from mimo_jax.attention import attention  # noqa: E402
 from mimo_jax.config import ModelConfig, TrainConfig, load_config, release_layer_types, release_mlp_types  # noqa: E402
 from mimo_jax.flops import hand_flops_per_token, jaxpr_flops  # noqa: E402
-from mimo_jax.model import MiMoV2Flash  # noqa: E402
+from mimo_jax.model import MiMoV2Flash, abstract_model  # noqa: E402
 from mimo_jax.moe import grouped_matmul  # noqa: E402
 from mimo_jax.params import count_params  # noqa: E402
 from mimo_jax.train_step import make_optimizer, train_step_fn  # noqa: E402
@@ -197,7 +197,7 @@ def describe(cfg: ModelConfig) -> str:
 def with_impls(cfg: ModelConfig, **impls):
     """The graphdef of the same model with other kernels (impls are static, read at construction)."""
     cfg = dataclasses.replace(cfg, **impls)
-    return nnx.split(nnx.eval_shape(lambda: MiMoV2Flash(cfg, rngs=nnx.Rngs(0))))[0]
+    return nnx.split(abstract_model(cfg))[0]
 
 
 # --------------------------------------------------------------------------- 1. forward

@@ -8,7 +8,7 @@ import math
 import secrets
 from typing import Any
 
-from mimo_jax.inference import SamplingParams
+from mimo_jax.sampling import SamplingParams
 from mimo_jax.serving.errors import RequestError
 from mimo_jax.serving.loading import CHATML_END, ChatFormatter
 
@@ -25,7 +25,7 @@ class GenerationRequest:
     chat: bool
     prompt_ids: list[int]
     max_tokens: int
-    sampling: Any  # inference.SamplingParams
+    sampling: Any  # sampling.SamplingParams
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
