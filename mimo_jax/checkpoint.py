@@ -23,9 +23,10 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
-from mimo_jax.config import Config, ModelConfig, from_dict, to_dict
+from mimo_jax import sharding
+from mimo_jax.config import Config, ModelConfig, ShardingRules, from_dict, to_dict
 from mimo_jax.hf_io import load_hf
 from mimo_jax.model import MiMoV2Flash, abstract_model
 
@@ -51,12 +52,14 @@ def load_model(path: str, dtype=None) -> MiMoV2Flash:
     return load_hf(path, jnp.dtype(dtype or jnp.bfloat16))
 
 
-def load_checkpoint(workdir: str, step: int | None = None, model_cfg: ModelConfig | None = None) -> MiMoV2Flash:
+def load_checkpoint(workdir: str, step: int | None = None, model_cfg: ModelConfig | None = None,
+                    mesh: Mesh | None = None, rules: ShardingRules = ShardingRules()) -> MiMoV2Flash:
     """The model of a train.py workdir's checkpoint (latest by default), e.g. to export it with
     `mimo_jax.save_hf(load_checkpoint("runs/tiny"), "out")` for transformers / vLLM / SGLang.
 
     `model_cfg` builds the model from another config of the same shapes (say, other kernels);
-    by default the checkpoint's own config is used.
+    by default the checkpoint's own config is used. With `mesh`, each array is read straight into
+    its shards by the logical-axis `rules`; by default everything goes to the first device.
     """
     manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))
     step = manager.latest_step() if step is None else step
@@ -65,41 +68,58 @@ def load_checkpoint(workdir: str, step: int | None = None, model_cfg: ModelConfi
     if model_cfg is None:
         saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
         model_cfg = from_dict(Config, saved).model
-    # An abstract target (nothing allocated or initialised), restored onto the default device.
+    # An abstract target (nothing allocated or initialised), restored onto its shardings.
     graphdef, params, rest = nnx.split(abstract_model(model_cfg), nnx.Param, ...)
-    device = SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          {"params": params, "rest": rest})
+    state = {"params": params, "rest": rest}
+    if mesh is None:
+        shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), state)
+    else:
+        shardings = {name: sharding.state_shardings(part, mesh, rules) for name, part in state.items()}
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))["state"]
     manager.close()
     return nnx.merge(graphdef, restored["params"], restored["rest"])
 
 
-def initial_model(cfg: Config) -> MiMoV2Flash:
-    """A run's starting model: from scratch, or the weights in `train.init_from` (a workdir's latest
-    checkpoint or a Hugging Face checkpoint, by `model_source`; the optimizer and data start fresh),
-    built with the run's own model config (its kernels and compute dtype)."""
+def sharded_initializer(cfg: Config, mesh: Mesh):
+    """(graphdef, abstract state, init): `init()` creates the model's state at `train.seed` inside
+    one jit whose `out_shardings` follow the logical-axis rules, so each device computes and holds
+    only its shards (`init.lower().compile().memory_analysis()` shows the per-device bytes)."""
+    graphdef, abstract_state = nnx.split(abstract_model(cfg.model))
+    shardings = sharding.state_shardings(abstract_state, mesh, cfg.sharding)
+    init = jax.jit(lambda: nnx.state(MiMoV2Flash(cfg.model, rngs=nnx.Rngs(cfg.train.seed))), out_shardings=shardings)
+    return graphdef, abstract_state, init
+
+
+def initial_model(cfg: Config, mesh: Mesh | None = None) -> MiMoV2Flash:
+    """A run's starting model on `mesh` (default: the run's `cfg.mesh`), every array created in its
+    shards by the logical-axis rules, so that no device or host ever holds the whole model: from
+    scratch (`sharded_initializer`; the numbers of an eager init at that seed, up to float rounding
+    in the samplers: XLA fuses them differently), or streamed from `train.init_from` (a workdir's latest checkpoint or a Hugging Face
+    checkpoint, by `model_source`; the optimizer and data start fresh), in the run's own model
+    config (its kernels and compute dtype)."""
+    mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
+    graphdef, abstract_state, build = sharded_initializer(cfg, mesh)
     init = cfg.train.init_from
     if not init:
-        return MiMoV2Flash(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
+        return nnx.merge(graphdef, build())
     try:
         source = model_source(init)
     except FileNotFoundError as e:
         raise ValueError(f"train.init_from={init!r}: {e}") from None
     if source == WORKDIR:
-        return load_checkpoint(init, model_cfg=cfg.model)
+        return load_checkpoint(init, model_cfg=cfg.model, mesh=mesh, rules=cfg.sharding)
     # load_hf gives params and activations one dtype; the run's model may compute in another.
-    model = MiMoV2Flash(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
-    loaded = nnx.state(load_hf(init, jnp.dtype(cfg.model.param_dtype)))
-    ours = dict(nnx.to_flat_state(nnx.state(model)))
-    for path, var in nnx.to_flat_state(loaded):
-        want = ours[path].get_value().shape if path in ours else None
-        if want != var.get_value().shape:
-            raise ValueError(f"train.init_from={init!r}: {'/'.join(map(str, path))} has shape "
-                             f"{var.get_value().shape}, the configured model needs {want}")
-    nnx.update(model, loaded)
-    return model
+    place = lambda path, shape, axes: NamedSharding(mesh, sharding.logical_spec(axes, cfg.sharding, mesh, shape))  # noqa: E731
+    loaded = dict(nnx.to_flat_state(nnx.state(load_hf(init, jnp.dtype(cfg.model.param_dtype), sharding=place))))
+    ours = nnx.to_flat_state(abstract_state)
+    for path, var in ours:
+        got = loaded[path].get_value().shape if path in loaded else None
+        if got != var.get_value().shape:
+            raise ValueError(f"train.init_from={init!r}: {'/'.join(map(str, path))} has shape {got}, "
+                             f"the configured model needs {var.get_value().shape}")
+    return nnx.merge(graphdef, nnx.from_flat_state([(path, loaded[path]) for path, _ in ours]))
 
 
 def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:

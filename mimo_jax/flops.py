@@ -10,6 +10,7 @@ import math
 from jax.extend.core import jaxprs_in_params
 
 from mimo_jax.blocked_gmm import useful_flops
+from mimo_jax.config import GLOBAL
 from mimo_jax.params import count_params
 
 
@@ -88,7 +89,7 @@ def hand_flops_per_token(cfg, seq_len: int, mode: str, query_len: int | None = N
     queries = t if mode == "train" or query_len is None else query_len
     swa_context = min(t, cfg.sliding_window + 1)  # the window plus the query itself
     per_context = 2 * h * (dqk + dv)  # forward flops per (query, key) pair, all heads
-    global_layers = sum(1 for lt in cfg.layer_types if lt == "global")
+    global_layers = cfg.layer_types.count(GLOBAL)
     swa_layers = cfg.num_layers - global_layers
     palm_context = global_layers * t + swa_layers * swa_context
     # Queries at positions t - queries .. t - 1 see (position + 1) global keys: t - (queries - 1)/2 on average.

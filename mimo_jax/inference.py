@@ -32,10 +32,8 @@ import numpy as np
 from flax import nnx
 
 from mimo_jax import kv_cache
-from mimo_jax.kv_cache import KVCache
+from mimo_jax.kv_cache import DEFAULT_PREFILL_CHUNK, KVCache
 from mimo_jax.sampling import SamplingParams, processed_probs, sample_tokens, speculative_accept, split_keys
-
-DEFAULT_PREFILL_CHUNK = 512
 
 
 @flax.struct.dataclass

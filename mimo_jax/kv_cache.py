@@ -19,11 +19,14 @@ import jax
 import jax.numpy as jnp
 
 from mimo_jax import sharding
-from mimo_jax.config import GLOBAL, ModelConfig
+from mimo_jax.config import GLOBAL, SWA, ModelConfig
 from mimo_jax.layer_plan import plan_layers
 
 EMPTY = 2**30  # the position of a slot that holds nothing: later than any query, so never visible
 CACHE_AXES = ("cache_batch", "cache_seq", "cache_heads", None)
+# Prompts are written into the caches in chunks of at most this many tokens (generate, the serving
+# engine and the pod plan's prefill step): it bounds a step's attention scores and activations.
+DEFAULT_PREFILL_CHUNK = 512
 
 
 @flax.struct.dataclass
@@ -80,7 +83,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_seq_len: int, *, num_draft: int
     ring = ring_size(cfg, num_draft)
 
     def zeros(lead, layer_type, slots):
-        kv = cfg.kv_heads(layer_type)
+        kv = cfg.attention_kind(layer_type).kv_heads
         return LayerKV(k=jnp.zeros((*lead, batch, slots, kv, cfg.qk_head_dim), dtype),
                        v=jnp.zeros((*lead, batch, slots, kv, cfg.v_head_dim), dtype))
 
@@ -93,7 +96,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_seq_len: int, *, num_draft: int
     cache = KVCache(layers=layers, ring_positions=jnp.full((batch, ring), EMPTY, jnp.int32), max_seq_len=max_seq_len)
     if mtp and cfg.num_mtp_heads:
         size = mtp_ring_size(cfg, num_draft)
-        cache = cache.replace(mtp=zeros((cfg.num_mtp_heads,), "swa", size),
+        cache = cache.replace(mtp=zeros((cfg.num_mtp_heads,), SWA, size),
                               mtp_positions=jnp.full((batch, size), EMPTY, jnp.int32))
     return cache
 

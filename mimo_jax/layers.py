@@ -82,16 +82,17 @@ class Attention(nnx.Module):
     """GQA attention with q/k dim != v dim, partial RoPE, value scale and optional per-head sinks."""
 
     def __init__(self, cfg: ModelConfig, layer_type: str, stack=(), *, rngs: nnx.Rngs):
-        d, h, kv = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads(layer_type)
+        kind = cfg.attention_kind(layer_type)
+        d, h, kv = cfg.hidden_size, cfg.num_attention_heads, kind.kv_heads
         dqk, dv, std, dt = cfg.qk_head_dim, cfg.v_head_dim, cfg.initializer_range, cfg.param_dtype
         self.q = make_param(rngs, (d, h, dqk), ("embed", "heads", None), dt, stack, std=std)
         self.k = make_param(rngs, (d, kv, dqk), ("embed", "kv_heads", None), dt, stack, std=std)
         self.v = make_param(rngs, (d, kv, dv), ("embed", "kv_heads", None), dt, stack, std=std)
         self.o = make_param(rngs, (h, dv, d), ("heads", None, "embed"), dt, stack, std=std)
         # Sinks are logits compared against fp32 scores: keep them fp32 whatever the param dtype.
-        self.sinks = make_param(rngs, (h,), ("heads",), jnp.float32, stack, std=std) if cfg.has_sinks(layer_type) else None
-        self.theta = cfg.rope_theta(layer_type)
-        self.window = cfg.window(layer_type)
+        self.sinks = make_param(rngs, (h,), ("heads",), jnp.float32, stack, std=std) if kind.sinks else None
+        self.theta = kind.rope_theta
+        self.window = kind.window
         self.rotary_dim = cfg.rotary_dim
         self.value_scale = cfg.attention_value_scale
         self.impl = cfg.resolved_attention_impl

@@ -27,13 +27,17 @@ REMAT_POLICIES = {
 
 @flax.struct.dataclass
 class ModelOutput:
-    logits: jax.Array  # [B, T, V]
+    logits: jax.Array | None  # [B, T, V]; None from model(..., logits=False)
     mtp_logits: jax.Array | None  # [K, B, T, V]; head k at position j predicts token j + k + 2
     hidden: jax.Array  # [B, T, D], after the final norm (what the MTP heads read)
     # RouterStats per MoE run, keyed "segment/run", each stacked [repeats, length, ...] like the
     # run's parameters (so the router-bias update lines up with the RouterBias variables).
     router: dict = flax.struct.field(default_factory=dict)
     cache: KVCache | None = None  # the updated cache, when the call was given one
+    # From model(..., logits=False) without a cache, for a loss that makes the logits itself
+    # (objective.vocab_chunked_stats): the heads' final hidden states and the shared LM head.
+    mtp_hidden: jax.Array | None = None  # [K, B, T, D]
+    lm_head_DV: jax.Array | None = None
 
 
 class DecoderLayer(nnx.Module):
@@ -156,7 +160,9 @@ class MiMoV2Flash(nnx.Module):
 
         A cached step writes the new tokens' keys at `positions_BT` (rows may be at different
         positions; `valid_BT` False marks padding that is not written) and skips the MTP heads,
-        which decoding drives itself (`mtp_heads`). `logits=False` returns only the hidden state.
+        which decoding drives itself (`mtp_heads`). `logits=False` leaves the logits out: with a
+        cache it returns the hidden state only; without one, also the MTP heads' hidden states and
+        the LM head, from which a vocabulary-chunked loss computes its logits block by block.
         """
         if positions_BT is None:
             positions_BT = (
@@ -175,13 +181,19 @@ class MiMoV2Flash(nnx.Module):
             if caches is not None:
                 layer_caches.update({f"{i}/{j}": c for j, c in zip(runs, caches)})
         hidden_BTD = self.final_norm(x_BTD)
-        mtp_logits = None
-        if self.mtp is not None and cache is None and logits:
-            mtp_logits = self.logits(self.mtp_hidden(hidden_BTD, input_ids_BT, positions_BT, segment_ids_BT))
         if cache is not None:
             cache = cache.replace(layers=layer_caches).advance(step, positions_BT)
-        return ModelOutput(logits=self.logits(hidden_BTD) if logits else None, mtp_logits=mtp_logits,
-                           hidden=hidden_BTD, router=router, cache=cache)
+            return ModelOutput(logits=self.logits(hidden_BTD) if logits else None, mtp_logits=None,
+                               hidden=hidden_BTD, router=router, cache=cache)
+        mtp_hidden_KBTD = None
+        if self.mtp is not None:
+            mtp_hidden_KBTD = self.mtp_hidden(hidden_BTD, input_ids_BT, positions_BT, segment_ids_BT)
+        if logits:
+            return ModelOutput(logits=self.logits(hidden_BTD),
+                               mtp_logits=None if mtp_hidden_KBTD is None else self.logits(mtp_hidden_KBTD),
+                               hidden=hidden_BTD, router=router)
+        return ModelOutput(logits=None, mtp_logits=None, hidden=hidden_BTD, router=router, mtp_hidden=mtp_hidden_KBTD,
+                           lm_head_DV=self.lm_head[...].astype(hidden_BTD.dtype))
 
     def moe_runs(self):
         """{"segment/run": MoE module} for every stacked run of MoE layers (keys as in ModelOutput.router)."""

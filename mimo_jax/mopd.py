@@ -347,7 +347,11 @@ def mopd_mode(cfg: Config, tokenizer, mesh, log) -> RunMode:
             f"reward {m['outcome_reward']:.2f} masked {m['masked_fraction']:.3f} len {m['rollout_length']:.1f}"
             for d, m in r["domains"].items()) + f" | {r['step_seconds']:.2f} s"
 
-    return RunMode(objective=mopd_objective_of(mcfg), rows=mcfg.prompts_per_step * mcfg.rollouts_per_prompt,
+    rows = mcfg.prompts_per_step * mcfg.rollouts_per_prompt
+    if tcfg.batch_size != rows:
+        log(f"mopd: a step is mopd.prompts_per_step x rollouts_per_prompt = {rows} rows; "
+            f"train.batch_size={tcfg.batch_size} does not apply")
+    return RunMode(objective=mopd_objective_of(mcfg), rows=rows,
                    next_batch=next_batch, record=record, evaluate=evaluate,
                    first_record=lambda model: evaluate(0, model), progress=progress)
 

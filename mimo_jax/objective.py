@@ -3,23 +3,20 @@ sequence-level balance and z-loss terms.
 
 Targets never cross a packed-document boundary: position j of a row predicts token j + 1 (main
 head) or j + k + 2 (MTP head k) only if that token is in the same segment.
+
+With `vocab_chunk` > 0 the loss reads the hidden states and the LM head instead of logits
+(`model(..., logits=False)`) and computes the logits `vocab_chunk` columns at a time
+(`vocab_chunked_stats`): no [B, T, V] fp32 array exists, forward or backward, and the result is
+the unchunked loss up to float rounding. The released model's 4 heads at 32k tokens would
+otherwise hold 4 x 32768 x 152576 fp32 logits (80 GB) per sequence.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from mimo_jax.model import ModelOutput
-
-
-def _shifted_cross_entropy(logits_BTV, input_ids_BT, segment_ids_BT, shift: int):
-    """Mean CE of logits at j against token j + shift, over pairs in the same segment."""
-    targets = input_ids_BT[:, shift:]
-    valid = _shifted_mask(input_ids_BT, segment_ids_BT, shift)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits_BTV[:, :-shift].astype(jnp.float32), targets)
-    return jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+from mimo_jax.model import ModelOutput, shift_tokens
 
 
 def _shifted_mask(input_ids_BT, segment_ids_BT, shift: int):
@@ -29,26 +26,100 @@ def _shifted_mask(input_ids_BT, segment_ids_BT, shift: int):
     return (segment_ids_BT[:, shift:] == segment_ids_BT[:, :-shift]) & (segment_ids_BT[:, shift:] > 0)
 
 
+def vocab_chunked_stats(hidden_BTD, head_DV, targets_BT, chunk: int):
+    """(logsumexp, target logit, argmax), each [B, T], of the fp32 logits `hidden @ head`, computed
+    `chunk` vocabulary columns at a time (a last, narrower chunk takes the rest).
+
+    A scan over the chunks keeps a running logsumexp, the target's logit and the running argmax
+    (first maximum, as jnp.argmax); its body is rematerialised, so the backward pass also holds
+    one [B, T, chunk] block of logits at a time, not [B, T, V].
+    """
+    vocab = head_DV.shape[1]
+    full, tail = divmod(vocab, chunk)
+
+    def block(w_DC, start):
+        logits_BTC = jnp.einsum("btd,dc->btc", hidden_BTD, w_DC.astype(hidden_BTD.dtype),
+                                preferred_element_type=jnp.float32)
+        local = targets_BT - start
+        inside = (local >= 0) & (local < w_DC.shape[1])
+        target = jnp.take_along_axis(logits_BTC, jnp.clip(local, 0, w_DC.shape[1] - 1)[..., None], -1)[..., 0]
+        best = jax.lax.stop_gradient(logits_BTC.max(-1))
+        return (jax.nn.logsumexp(logits_BTC, -1), jnp.where(inside, target, 0.0), best,
+                jnp.argmax(logits_BTC, -1).astype(jnp.int32) + start)
+
+    def merge(acc, new):
+        lse, target, best, arg = acc
+        lse_n, target_n, best_n, arg_n = new
+        better = best_n > best
+        return jnp.logaddexp(lse, lse_n), target + target_n, jnp.maximum(best, best_n), jnp.where(better, arg_n, arg)
+
+    @jax.checkpoint
+    def step(acc, i):
+        start = i * chunk
+        return merge(acc, block(jax.lax.dynamic_slice_in_dim(head_DV, start, chunk, axis=1), start)), None
+
+    shape = targets_BT.shape
+    acc = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+           jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.int32))
+    acc, _ = jax.lax.scan(step, acc, jnp.arange(full))
+    if tail:
+        acc = merge(acc, block(head_DV[:, full * chunk:], full * chunk))
+    lse, target, _, arg = acc
+    return lse, target, arg
+
+
+def _head_stats(output: ModelOutput, input_ids_BT, vocab_chunk: int):
+    """Per head (main first, then MTP head k): (logsumexp, target logit, argmax) at every position,
+    against the head's own target (token j + 1, resp. j + k + 2; past the end, token 0)."""
+    heads = [output.logits] + (list(output.mtp_logits) if output.mtp_logits is not None else [])
+    if output.logits is None:
+        heads = [output.hidden] + (list(output.mtp_hidden) if output.mtp_hidden is not None else [])
+    stats = []
+    for k, x in enumerate(heads):
+        targets_BT = shift_tokens(input_ids_BT, k + 1)
+        if output.logits is None:
+            stats.append(vocab_chunked_stats(x, output.lm_head_DV, targets_BT, vocab_chunk))
+        else:
+            x = x.astype(jnp.float32)
+            stats.append((jax.nn.logsumexp(x, -1), jnp.take_along_axis(x, targets_BT[..., None], -1)[..., 0],
+                          jnp.argmax(x, -1)))
+    return stats
+
+
 def lm_loss(output: ModelOutput, input_ids_BT, segment_ids_BT=None, mtp_weight: float = 0.3,
-            balance_weight: float = 0.0, z_loss_weight: float = 0.0):
+            balance_weight: float = 0.0, z_loss_weight: float = 0.0, vocab_chunk: int = 0):
     """(total, metrics); total = lm + mtp_weight * mean(mtp) + balance_weight * balance + z-loss.
 
     metrics: "lm", "mtp" [K] per-head CE, "mtp_top1" [K] how often head k's argmax is the true
     token, "mtp_agree" [K] how often it equals the main head's argmax for that token (what
     speculative decoding accepts), "balance" (sum over MoE layers), "z_loss".
+
+    `output` holds logits, or (`model(..., logits=False)`) the hidden states and the LM head, whose
+    logits are then computed `vocab_chunk` columns at a time (`vocab_chunked_stats`).
     """
-    lm = _shifted_cross_entropy(output.logits, input_ids_BT, segment_ids_BT, 1)
+    if output.logits is None and vocab_chunk <= 0:
+        raise ValueError("an output without logits (model(..., logits=False)) needs vocab_chunk > 0")
+    stats = _head_stats(output, input_ids_BT, vocab_chunk)
+
+    def cross_entropy(k):
+        shift = k + 1
+        valid = _shifted_mask(input_ids_BT, segment_ids_BT, shift)
+        lse, target, _ = stats[k]
+        ce = (lse - target)[:, :-shift]
+        return jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+    lm = cross_entropy(0)
     metrics = {"lm": lm}
     total = lm
-    if output.mtp_logits is not None:
-        main_top1 = jnp.argmax(output.logits, -1)
+    if len(stats) > 1:
+        main_top1 = stats[0][2]
         ce, top1, agree = [], [], []
-        for k, head_logits in enumerate(output.mtp_logits):
-            shift = k + 2
+        for k in range(1, len(stats)):
+            shift = k + 1
             valid = _shifted_mask(input_ids_BT, segment_ids_BT, shift)
-            guess = jnp.argmax(head_logits[:, :-shift], -1)
+            guess = stats[k][2][:, :-shift]
             n = jnp.maximum(valid.sum(), 1)
-            ce.append(_shifted_cross_entropy(head_logits, input_ids_BT, segment_ids_BT, shift))
+            ce.append(cross_entropy(k))
             top1.append(jnp.sum(valid & (guess == input_ids_BT[:, shift:])) / n)
             agree.append(jnp.sum(valid & (guess == main_top1[:, shift - 1:-1])) / n)
         metrics.update(mtp=jnp.stack(ce), mtp_top1=jnp.stack(top1), mtp_agree=jnp.stack(agree))
@@ -57,7 +128,7 @@ def lm_loss(output: ModelOutput, input_ids_BT, segment_ids_BT=None, mtp_weight: 
         metrics["balance"] = sum(stats.balance.sum() for stats in output.router.values())
         total = total + balance_weight * metrics["balance"]
     if z_loss_weight:
-        metrics["z_loss"] = jnp.mean(jax.nn.logsumexp(output.logits.astype(jnp.float32), -1) ** 2)
+        metrics["z_loss"] = jnp.mean(stats[0][0] ** 2)
         total = total + z_loss_weight * metrics["z_loss"]
     return total, metrics
 

@@ -43,7 +43,13 @@ from mimo_jax.config import Config, to_dict
 from mimo_jax.flops import jaxpr_flops
 from mimo_jax.layers import RouterBias
 from mimo_jax.tokenization import check_tokenizer_fits, make_tokenizer
-from mimo_jax.train_step import Objective, learning_rate_schedule, make_optimizer, router_bias_step, sharded_train_step
+from mimo_jax.train_step import (
+    Objective,
+    learning_rate_schedule,
+    make_optimizer,
+    router_bias_step,
+    sharded_train_step,
+)
 
 
 @dataclasses.dataclass
@@ -103,8 +109,8 @@ def run(cfg: Config, workdir: str, make_mode: Callable[..., RunMode], log=print,
     mode = make_mode(cfg, tokenizer, mesh, log)
 
     tcfg = dataclasses.replace(cfg.train, batch_size=mode.rows)
-    graphdef, params, rest = nnx.split(initial_model(cfg), nnx.Param, ...)
-    tx = make_optimizer(tcfg, params)
+    graphdef, params, rest = nnx.split(initial_model(cfg, mesh), nnx.Param, ...)
+    tx = make_optimizer(tcfg, params, mode.objective)
     schedule = learning_rate_schedule(tcfg)
     step_fn, shardings = sharded_train_step(graphdef, params, rest, tx, mesh, cfg.sharding, (mode.rows, tcfg.seq_len),
                                             tcfg, mode.objective)

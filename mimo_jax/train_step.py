@@ -46,42 +46,53 @@ def learning_rate_schedule(train: TrainConfig):
     return optax.join_schedules(parts, boundaries) if boundaries else parts[0]
 
 
-def make_optimizer(train: TrainConfig, params) -> optax.GradientTransformation:
-    """AdamW with clipping; weight decay on matrices only. In mtp_distill mode only the MTP heads
-    are trained (everything else gets zero updates)."""
-    decay_mask = jax.tree.map(lambda p: p.ndim >= 2, params)
-    tx = optax.chain(
-        optax.clip_by_global_norm(train.grad_clip),
-        optax.adamw(learning_rate_schedule(train), b1=train.b1, b2=train.b2, eps=train.eps,
-                    weight_decay=train.weight_decay, mask=decay_mask),
-    )
-    if train.mode == "mtp_distill":
-        labels = jax.tree_util.tree_map_with_path(
-            lambda path, _: "train" if any(getattr(k, "key", None) == "mtp" for k in path) else "freeze", params)
-        tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
-    return tx
-
-
 @dataclasses.dataclass(frozen=True)
 class Objective:
     """A training mode's loss: `loss(model_output, batch) -> (loss, metrics)`, with `batch` a dict of
     [B, T, ...] arrays: input_ids, segment_ids and the mode's `inputs`, which the step takes, in
-    that order, after input_ids and segment_ids."""
+    that order, after input_ids and segment_ids. `trains(path)` says which parameters the mode fits
+    (by their `nnx.Param` path); None fits them all. `logits=False` runs the model without its
+    logits (`model(..., logits=False)`), for a loss that computes them in vocabulary chunks."""
 
     loss: Callable
     inputs: tuple[str, ...] = ()
+    trains: Callable[[tuple], bool] | None = None
+    logits: bool = True
 
     @property
     def batch_keys(self) -> tuple[str, ...]:
         return ("input_ids", "segment_ids") + self.inputs
 
 
+def _in_mtp_heads(path) -> bool:
+    return any(getattr(k, "key", None) == "mtp" for k in path)
+
+
 def lm_objective(train: TrainConfig) -> Objective:
-    """LM + MTP loss (`train.mode=lm`), or the MTP heads' self-distillation (`mtp_distill`)."""
+    """`train.mode=lm`: LM + MTP loss; `mtp_distill`: the MTP heads fitted to the main model's own
+    distribution, the main model frozen."""
     if train.mode == "mtp_distill":
-        return Objective(lambda out, batch: mtp_distill_loss(out, batch["input_ids"], batch["segment_ids"]))
+        return Objective(lambda out, batch: mtp_distill_loss(out, batch["input_ids"], batch["segment_ids"]),
+                         trains=_in_mtp_heads)
     return Objective(lambda out, batch: lm_loss(out, batch["input_ids"], batch["segment_ids"], train.mtp_weight,
-                                                train.balance_weight, train.z_loss_weight))
+                                                train.balance_weight, train.z_loss_weight, train.loss_vocab_chunk),
+                     logits=not train.loss_vocab_chunk)
+
+
+def make_optimizer(train: TrainConfig, params, objective: Objective | None = None) -> optax.GradientTransformation:
+    """AdamW with clipping; weight decay on matrices only. Parameters the objective does not train
+    (default `lm_objective(train)`) get zero updates."""
+    objective = lm_objective(train) if objective is None else objective
+    decay_mask = jax.tree.map(lambda p: p.ndim >= 2, params)
+    tx = optax.chain(
+        optax.clip_by_global_norm(train.grad_clip),
+        optax.adamw(learning_rate_schedule(train), b1=train.b1, b2=train.b2, eps=train.eps,
+                    weight_decay=train.weight_decay, mask=decay_mask),
+    )
+    if objective.trains is not None:
+        labels = jax.tree_util.tree_map_with_path(lambda path, _: "train" if objective.trains(path) else "freeze", params)
+        tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+    return tx
 
 
 def train_step_fn(graphdef, tx: optax.GradientTransformation, train: TrainConfig = TrainConfig(),
@@ -97,7 +108,7 @@ def train_step_fn(graphdef, tx: optax.GradientTransformation, train: TrainConfig
 
     def loss_fn(params, rest, *arrays):
         batch = dict(zip(objective.batch_keys, arrays))
-        out = nnx.merge(graphdef, params, rest)(batch["input_ids"], batch["segment_ids"])
+        out = nnx.merge(graphdef, params, rest)(batch["input_ids"], batch["segment_ids"], logits=objective.logits)
         loss, metrics = objective.loss(out, batch)
         return loss, {**metrics, "loss": loss, "router": {k: s.load_E for k, s in out.router.items()}}
 

@@ -41,10 +41,12 @@ def lm_mode(cfg: Config, tokenizer, mesh, log) -> RunMode:
     data_iter = make_dataset(cfg.data, seq_len=tcfg.seq_len, batch_size=tcfg.batch_size, split="train",
                              seed=tcfg.seed, tokenizer=tokenizer)
 
+    chunk = tcfg.loss_vocab_chunk
+
     @nnx.jit
     def eval_fn(model, ids, seg):
         with sharding.activate(mesh, cfg.sharding):
-            return lm_loss(model(ids, seg), ids, seg)[1]["lm"]
+            return lm_loss(model(ids, seg, logits=not chunk), ids, seg, vocab_chunk=chunk)[1]["lm"]
 
     def next_batch(step, model, place):
         batch = next(data_iter)

@@ -1,7 +1,8 @@
 """One process of the multi-host test (tests/test_distributed.py launches it; not a test itself).
 
 Runs 2 sharded training steps of the small test model on a (fsdp=2, expert=2, tensor=2) mesh over
-all global devices, each process loading only its own rows of the batch. The cluster comes from
+all global devices, each process loading only its own rows of the batch (--one-device: the same
+steps unsharded, the reference). The cluster comes from
 the MIMO_* environment variables (unset: a single process, the reference run). Process 0 writes
 the losses (and, with --save, the trained parameters gathered to numpy) under --out; every
 process writes a report_<index>.json with its rows.
@@ -54,9 +55,10 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True, help="directory for report_<i>.json (and params.npz, checkpoint/)")
     parser.add_argument("--save", action="store_true", help="also save an orbax checkpoint and the params")
+    parser.add_argument("--one-device", action="store_true", help="the unsharded reference: a 1-device mesh")
     args = parser.parse_args()
 
-    cfg = load_config("tiny", SMALL_MODEL + MESH)
+    cfg = load_config("tiny", SMALL_MODEL + (["mesh.fsdp=1"] if args.one_device else MESH))
     plan = distributed.initialize(cfg.distributed)  # before anything touches the backend
     distributed.log(f"[{time.perf_counter() - START:.1f}s] {plan}: {jax.process_count()} processes, "
                     f"{jax.device_count()} devices")

@@ -3,14 +3,16 @@ directory), read by every path that loads a model."""
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from mimo_jax import MiMoV2Flash, load_config, save_hf
-from mimo_jax.checkpoint import HF, WORKDIR, initial_model, load_model, model_source
+from mimo_jax.checkpoint import HF, WORKDIR, initial_model, load_model, model_source, sharded_initializer
 from mimo_jax.serving import load_served
+from mimo_jax.sharding import make_mesh
 from tests.conftest import write_workdir
 
 
@@ -35,3 +37,24 @@ def test_a_directory_with_both_layouts_loads_as_the_workdir_everywhere(tmp_path,
         model_source(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match=r"train.init_from=.*empty.*neither"):
         initial_model(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=str(tmp_path / "empty"))))
+
+
+# About 1.2B parameters in 4 layers: few layers keep the compile short.
+ONE_BILLION = ["model.vocab_size=32768", "model.hidden_size=2048", "model.num_layers=4",
+               "model.layer_types=[global, swa, swa, global]", "model.mlp_types=[dense, moe, moe, moe]",
+               "model.num_attention_heads=16", "model.qk_head_dim=128", "model.v_head_dim=128",
+               "model.intermediate_size=8192", "model.moe_intermediate_size=1024", "model.num_experts=64",
+               "model.num_experts_per_token=4", "model.num_mtp_heads=1"]
+
+
+def test_initialisation_creates_every_array_in_its_shards_on_8_devices():
+    cfg = load_config("tiny", ONE_BILLION)  # the default mesh: fsdp over all 8 devices
+    graphdef, abstract_state, init = sharded_initializer(cfg, make_mesh(cfg.mesh))
+    total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+    assert 1.0e9 < sum(x.size for x in jax.tree.leaves(abstract_state)) < 1.5e9
+    memory = init.lower().compile().memory_analysis()  # per device: the partitioned program
+    # Each device's outputs are its 1/8 share. The temporaries are the random-number generation of
+    # its own shards: about twice the share on XLA:CPU (the bits, the uniform and the normal of a
+    # shard before its scaling), where an unsharded init holds the whole model on one device.
+    assert memory.output_size_in_bytes == pytest.approx(total / 8, rel=0.01)
+    assert memory.output_size_in_bytes + memory.temp_size_in_bytes < 3.5 * total / 8, (memory, total)

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from mimo_jax.config import (GLOBAL, SWA, Config, ConfigError, ModelConfig, apply_overrides, load_config,
+from mimo_jax.config import (GLOBAL, SWA, AttentionKind, Config, ConfigError, ModelConfig, apply_overrides, load_config,
                              model_config_from_hf, model_config_to_hf)
 from tests.conftest import GOLDEN_DIR
 
@@ -37,6 +37,8 @@ def test_release_preset_is_the_released_model():
     assert cfg.layer_types.count(SWA) == 39 and cfg.moe_layers == tuple(range(1, 48))
     assert (cfg.global_kv_heads, cfg.swa_kv_heads, cfg.qk_head_dim, cfg.v_head_dim, cfg.rotary_dim) == (4, 8, 192, 128, 64)
     assert cfg.sliding_window == 128 and cfg.num_mtp_heads == 3
+    assert cfg.attention_kind(GLOBAL) == AttentionKind(GLOBAL, kv_heads=4, rope_theta=5e6, sinks=False, window=None)
+    assert cfg.attention_kind(SWA) == AttentionKind(SWA, kv_heads=8, rope_theta=1e4, sinks=True, window=128)
 
 
 def test_hub_dialect_reads_as_the_release():

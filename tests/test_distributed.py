@@ -1,5 +1,5 @@
 """Multi-host JAX: two processes on 127.0.0.1 (4 CPU devices each, one 8-device global mesh) train
-exactly like one process with 8 devices, their checkpoint restores onto other meshes, and the
+like one unsharded process (to float rounding), their checkpoint restores onto other meshes, and the
 cluster settings resolve (config, MIMO_* environment, TPU auto-detection) with clear errors.
 
 The cluster runs in subprocesses with timeouts: a process whose peer never comes is killed by
@@ -113,9 +113,10 @@ def runs(tmp_path_factory):
         env = _worker_env(4, MIMO_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", MIMO_NUM_PROCESSES="2",
                           MIMO_PROCESS_ID=str(pid))
         jobs[f"process {pid}"] = ([str(WORKER), "--out", str(cluster_dir), "--save"], env, root / f"process{pid}.log")
-    # MIMO_NUM_PROCESSES=1 also keeps the reference single even on a TPU VM (no auto-detection).
-    jobs["reference"] = ([str(WORKER), "--out", str(reference_dir)], _worker_env(8, MIMO_NUM_PROCESSES="1"),
-                         root / "reference.log")
+    # The reference is one process on one device: an unsharded program compiles in a fraction of
+    # the time. MIMO_NUM_PROCESSES=1 keeps it single even on a TPU VM (no auto-detection).
+    jobs["reference"] = ([str(WORKER), "--out", str(reference_dir), "--one-device"],
+                         _worker_env(1, MIMO_NUM_PROCESSES="1"), root / "reference.log")
 
     start = time.monotonic()
     failed = _run_together(jobs, TIMEOUT_S)
@@ -137,7 +138,7 @@ def test_two_processes_train_like_one_process(runs):
         assert (report["device_count"], report["local_device_count"]) == (8, 4)
     # Host-local loading: each process loaded only its half of the 8-row batch.
     assert first["rows"] == [0, 4] and second["rows"] == [4, 8]
-    assert (reference["process_count"], reference["device_count"], reference["rows"]) == (1, 8, [0, 8])
+    assert (reference["process_count"], reference["device_count"], reference["rows"]) == (1, 1, [0, 8])
     assert len(first["losses"]) == 2
     np.testing.assert_allclose(first["losses"], reference["losses"], rtol=1e-5)
     np.testing.assert_allclose(second["losses"], first["losses"], rtol=0)  # one SPMD program, one result

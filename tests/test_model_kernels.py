@@ -62,10 +62,10 @@ REDUCED_DEPTH = [  # the release's attention and expert shapes, two layers, a na
 ]
 
 
-@pytest.mark.parametrize("topology", ["v5e", "v5p"])
-def test_train_step_with_pallas_kernels_compiles_for_tpu(topology):
+def test_train_step_with_pallas_kernels_compiles_for_tpu():
     """jit(loss -> grads -> AdamW update) of a reduced-depth model: GQA 16:1 global and 8:1 SWA
-    layers with d 192/128 and window 128, top-8 MoE; Mosaic lowers every kernel in it."""
+    layers with d 192/128 and window 128, top-8 MoE; Mosaic lowers every kernel in it. For v5e (the
+    Colab TPU): each kernel alone also compiles for v5p (kernels_pallas/*_test.py)."""
     from kernels_pallas.tpu_aot import compile_for_tpu, pallas_kernel_names
 
     cfg = load_config("mimo_v2_flash", REDUCED_DEPTH).model
@@ -83,6 +83,6 @@ def test_train_step_with_pallas_kernels_compiles_for_tpu(topology):
         return optax.apply_updates(params, updates), opt_state, value
 
     ids = jax.ShapeDtypeStruct((2, 512), jnp.int32)
-    compiled = compile_for_tpu(train_step, params, opt_state, rest, ids, ids, topology=topology)
+    compiled = compile_for_tpu(train_step, params, opt_state, rest, ids, ids, topology="v5e")
     kernels = {"swa_attention_fwd", "swa_attention_dq", "swa_attention_dkv", "gmm", "gmm_transposed_rhs", "tgmm"}
     assert pallas_kernel_names(compiled) == kernels

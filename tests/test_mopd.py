@@ -146,39 +146,17 @@ def _mopd_run(tmp_path, small_overrides):
     return teacher, mopd
 
 
-def test_train_py_mopd_end_to_end(tmp_path, small_overrides):
-    """`train.py ... train.mode=mopd` from a HF-directory teacher: per-domain metrics, a checkpoint
-    that load_checkpoint reads, and a resume that continues from it."""
-    from mimo_jax.training import load_checkpoint, main
-
-    teacher, mopd = _mopd_run(tmp_path, small_overrides)
-    student = str(tmp_path / "student")
-    main(["--config", "tiny", "--workdir", student, *mopd, "train.steps=2"])
-    # The resume also switches to the top-k KL (its inputs are [B, T, K]); the state is the same.
-    main(["--config", "tiny", "--workdir", student, *mopd, "train.steps=3", "mopd.teacher_top_k=8"])
-    lines = [json.loads(line) for line in open(os.path.join(student, "metrics.jsonl"))]
-    assert [r["step"] for r in lines] == [0, 1, 2, 3]
-    assert set(lines[0]["eval_accuracy"]) == {"add", "echo"} and "eval_accuracy" in lines[-1]
-    for record in lines[1:]:
-        assert set(record["domains"]) <= {"add", "echo"} and np.isfinite(record["loss"])
-        for m in record["domains"].values():
-            assert {"reverse_kl", "teacher_argmax_agreement", "masked_fraction", "outcome_reward",
-                    "rollout_length"} <= set(m)
-            assert 0 <= m["teacher_argmax_agreement"] <= 1 and 0 <= m["masked_fraction"] <= 1
-    assert load_checkpoint(student).config.vocab_size == 260
-    with pytest.raises(ConfigError, match=r"\['echo'\] have no teacher"):
-        main(["--config", "tiny", "--workdir", str(tmp_path / "x"), *mopd, f"mopd.teachers=[add={teacher}]"])
-
-
-def test_mopd_saves_and_exits_on_sigterm_and_stops_on_a_nan_loss(tmp_path, small_overrides, monkeypatch, capsys):
-    """The shared loop's guards in mopd mode: SIGTERM mid-run saves a checkpoint and returns 0; a
-    non-finite loss stops the run with the last checkpoint kept and the metrics of the bad step."""
+def test_train_py_mopd_end_to_end(tmp_path, small_overrides, monkeypatch, capsys):
+    """`train.py ... train.mode=mopd` from a HF-directory teacher, through the shared loop's guards:
+    SIGTERM mid-run saves a checkpoint and returns 0; the resume continues from it with per-domain
+    metrics and a checkpoint that load_checkpoint reads; a non-finite loss stops the run with the
+    last checkpoint kept and the metrics of the bad step."""
     import signal
 
     from mimo_jax import mopd as mopd_module
-    from mimo_jax.training import main
+    from mimo_jax.training import load_checkpoint, main
 
-    _, mopd = _mopd_run(tmp_path, small_overrides)
+    teacher, mopd = _mopd_run(tmp_path, small_overrides)
     student = tmp_path / "student"
     rollouts = mopd_module.rollout_batch
 
@@ -195,11 +173,26 @@ def test_mopd_saves_and_exits_on_sigterm_and_stops_on_a_nan_loss(tmp_path, small
     assert sorted(p.name for p in (student / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
 
     monkeypatch.setattr(mopd_module, "rollout_batch", rollouts)
+    # The resume also switches to the top-k KL (its inputs are [B, T, K]); the state is the same.
+    main(["--config", "tiny", "--workdir", str(student), *mopd, "train.steps=3", "mopd.teacher_top_k=8"])
+    lines = [json.loads(line) for line in open(student / "metrics.jsonl")]
+    assert [r["step"] for r in lines] == [0, 1, 2, 3]
+    assert set(lines[0]["eval_accuracy"]) == {"add", "echo"} and "eval_accuracy" in lines[-1]
+    for record in lines[1:]:
+        assert set(record["domains"]) <= {"add", "echo"} and np.isfinite(record["loss"])
+        for m in record["domains"].values():
+            assert {"reverse_kl", "teacher_argmax_agreement", "masked_fraction", "outcome_reward",
+                    "rollout_length"} <= set(m)
+            assert 0 <= m["teacher_argmax_agreement"] <= 1 and 0 <= m["masked_fraction"] <= 1
+    assert load_checkpoint(str(student)).config.vocab_size == 260
+    with pytest.raises(ConfigError, match=r"\['echo'\] have no teacher"):
+        main(["--config", "tiny", "--workdir", str(tmp_path / "x"), *mopd, f"mopd.teachers=[add={teacher}]"])
+
     objective = mopd_module.mopd_objective
     monkeypatch.setattr(mopd_module, "mopd_objective",
                         lambda *args: (lambda loss, metrics: (loss * jnp.nan, metrics))(*objective(*args)))
-    with pytest.raises(FloatingPointError, match="loss became nan at step 2; the last checkpoint is kept"):
-        main(["--config", "tiny", "--workdir", str(student), *mopd, "train.steps=3", "train.checkpoint_every=1"])
-    assert sorted(p.name for p in (student / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+    with pytest.raises(FloatingPointError, match="loss became nan at step 4; the last checkpoint is kept"):
+        main(["--config", "tiny", "--workdir", str(student), *mopd, "train.steps=5", "train.checkpoint_every=1"])
+    assert max(int(p.name) for p in (student / "checkpoints").iterdir() if p.name.isdigit()) == 3
     lines = [json.loads(line) for line in open(student / "metrics.jsonl")]
-    assert [r["step"] for r in lines] == [0, 1, 2] and not np.isfinite(lines[-1]["loss"])
+    assert [r["step"] for r in lines] == [0, 1, 2, 3, 4] and not np.isfinite(lines[-1]["loss"])

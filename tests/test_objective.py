@@ -116,3 +116,49 @@ def test_model_router_loads_ignore_padded_positions(small_overrides):
     padded = model(ids, jnp.array([[1] * 10 + [0] * 6])).router
     for key in real:
         np.testing.assert_allclose(padded[key].load_E, real[key].load_E, atol=1e-6)
+
+
+def test_vocab_chunked_loss_and_gradients_equal_the_unchunked_and_peak_memory_shrinks_with_the_chunk(small_overrides):
+    from mimo_jax.model import ModelOutput
+
+    model = MiMoV2Flash(load_config("tiny", small_overrides + ["model.vocab_size=300"]).model, rngs=nnx.Rngs(0))
+    ids = jax.random.randint(jax.random.key(3), (2, 24), 0, 300)
+    seg = jnp.broadcast_to((jnp.arange(24) >= 15).astype(jnp.int32) + 1, (2, 24))
+    whole, chunkable = model(ids, seg), model(ids, seg, logits=False)
+    assert chunkable.logits is None and chunkable.mtp_hidden.shape == (3, 2, 24, model.config.hidden_size)
+
+    def loss(hidden, mtp_hidden, head, chunk):
+        if chunk:
+            out = chunkable.replace(hidden=hidden, mtp_hidden=mtp_hidden, lm_head_DV=head)
+        else:  # the model's own logits, from the same arrays
+            logits = lambda h: jnp.einsum("...d,dv->...v", h, head, preferred_element_type=jnp.float32)  # noqa: E731
+            out = whole.replace(logits=logits(hidden), mtp_logits=logits(mtp_hidden))
+        return lm_loss(out, ids, seg, 0.3, 1e-3, 1e-4, vocab_chunk=chunk)
+
+    arrays = (chunkable.hidden, chunkable.mtp_hidden, chunkable.lm_head_DV)
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
+    (ref, ref_metrics), ref_grads = grad(*arrays, 0)
+    np.testing.assert_allclose(ref, lm_loss(whole, ids, seg, 0.3, 1e-3, 1e-4)[0], rtol=1e-6)
+    for chunk in (64, 300):  # four chunks and a 44-column tail; one chunk
+        (value, metrics), grads = grad(*arrays, chunk)
+        np.testing.assert_allclose(value, ref, rtol=1e-6)
+        for key in ref_metrics:
+            np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, atol=1e-7, err_msg=key)
+        for a, b in zip(grads, ref_grads):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.abs(b).max()))
+
+    # The LM head alone at a vocabulary where the logits dominate: the compiled backward's
+    # temporaries hold the [B, T, V] fp32 logits whole, and shrink with the chunk.
+    targets = jnp.zeros((2, 256), jnp.int32)
+
+    def temp_bytes(chunk):
+        def head_loss(hidden_BTD, head_DV):
+            logits = None if chunk else jnp.einsum("btd,dv->btv", hidden_BTD, head_DV)
+            out = ModelOutput(logits=logits, mtp_logits=None, hidden=hidden_BTD, lm_head_DV=head_DV)
+            return lm_loss(out, targets, vocab_chunk=chunk)[0]
+        shapes = (jax.ShapeDtypeStruct((2, 256, 64), jnp.float32), jax.ShapeDtypeStruct((64, 16384), jnp.float32))
+        return jax.jit(jax.grad(head_loss, (0, 1))).lower(*shapes).compile().memory_analysis().temp_size_in_bytes
+
+    logits_bytes = 2 * 256 * 16384 * 4
+    full, coarse, fine = temp_bytes(0), temp_bytes(4096), temp_bytes(1024)
+    assert full >= logits_bytes > coarse > fine, (full, coarse, fine)

@@ -208,15 +208,15 @@ def test_inference_cli_errors(capsys):
     assert "--prefill-chunk needs --mode prefill" in capsys.readouterr().err
 
 
-def test_search_finds_a_fitting_plan_within_a_few_compiles():
+def test_search_finds_a_fitting_plan_within_its_compile_budget():
     out = io.StringIO()
     rc = plan.main(["--config", "configs/tiny.yaml", "--topology", "v5e:2x2", "--seq-len", "256", "--search",
-                    "--max-compiles", "2", *TINY], out=out)
+                    "--max-compiles", "1", *TINY], out=out)
     text = out.getvalue()
     assert rc == 0, text
     assert "| mesh (data,fsdp,expert,tensor) |" in text and "best found:" in text
     rows = [line for line in text.splitlines() if re.match(r"\| \d+,\d+,\d+,\d+ \|", line)]
-    assert 1 <= len(rows) <= 2 and "| yes |" in rows[-1]
+    assert len(rows) == 1 and "| yes |" in rows[-1]
 
 
 def test_search_plans_decoding_a_single_sequence():

@@ -2,7 +2,7 @@
 
     python -m mimo_jax.plan --config configs/mimo_v2_flash.yaml --topology v5p-256 \
         [--seq-len 32768] [--global-batch N] [--mode train|prefill|decode] [--search] [key=value ...]
-        [--prefill-chunk 8192] [--num-draft 3]
+        [--prefill-chunk 512] [--num-draft 3]
 
 The program is lowered for the slice's devices (libtpu describes them; nothing runs) with the
 Pallas kernels compiled by Mosaic (`model.kernel_mode=mosaic`, `attention_impl=pallas`,

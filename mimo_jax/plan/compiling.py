@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding
 from mimo_jax import sharding
 from mimo_jax.config import ConfigError
 from mimo_jax.flops import hand_flops_per_token, jaxpr_flops
-from mimo_jax.kv_cache import CACHE_AXES, init_cache
+from mimo_jax.kv_cache import CACHE_AXES, DEFAULT_PREFILL_CHUNK, init_cache
 from mimo_jax.plan.topology import GIB, PlanError, Topology, topology_devices
 from mimo_jax.sharding import logical_spec, make_mesh
 from mimo_jax.train_step import abstract_model_state, make_optimizer, sharded_train_step
@@ -125,7 +125,6 @@ def batch_shards(mesh, rules) -> int:
     return math.prod(mesh.shape[a] for a in rules.batch)
 
 
-DEFAULT_PREFILL_CHUNK = 8192
 SEQ_SHARDED_CACHE = ("data", "fsdp", "expert")  # --search's second KV cache layout (sharding.cache_seq)
 
 

@@ -107,7 +107,7 @@ def search(base_cfg, topology: Topology, mode: str, seq_len: int, global_batch: 
                     if buffer > hbm:
                         reason = f"dropless all-to-all buffer {buffer / GIB:.0f} GiB > HBM"
                 elif mode == "train":
-                    logits = loss_logits_bytes(cfg.model, mesh, tokens_per_device)
+                    logits = loss_logits_bytes(cfg.model, mesh, tokens_per_device, cfg.train.loss_vocab_chunk)
                     if logits > hbm:
                         reason = f"fp32 logits and their gradient {logits / GIB:.0f} GiB > HBM"
                 if reason:  # no compile needed for this verdict
@@ -132,11 +132,14 @@ def search(base_cfg, topology: Topology, mode: str, seq_len: int, global_batch: 
     return tried, None
 
 
-def loss_logits_bytes(model_cfg, mesh: dict[str, int], tokens_per_device: int) -> int:
+def loss_logits_bytes(model_cfg, mesh: dict[str, int], tokens_per_device: int, vocab_chunk: int = 0) -> int:
     """The main and MTP heads' fp32 logits of a device's tokens, and their gradient: the loss keeps
-    both live at once. The vocabulary splits over the tensor axis (the act_vocab rule)."""
+    both live at once. The vocabulary splits over the tensor axis (the act_vocab rule); with
+    `train.loss_vocab_chunk` only one chunk of it exists at a time."""
     heads = 1 + model_cfg.num_mtp_heads
     vocab = model_cfg.vocab_size // (mesh["tensor"] if model_cfg.vocab_size % mesh["tensor"] == 0 else 1)
+    if vocab_chunk:
+        vocab = min(vocab, vocab_chunk)
     return 2 * heads * tokens_per_device * vocab * 4
 
 

@@ -1,4 +1,4 @@
-"""Configuration: one frozen dataclass tree, loadable from YAML presets and HF `config.json`.
+"""The configuration tree: one frozen dataclass per section, built from plain dicts (YAML, overrides).
 
 Window convention (used everywhere in this package): `sliding_window` is the number of *previous*
 positions a sliding-window query sees besides itself. The released model uses 128, which is
@@ -9,9 +9,7 @@ query too, so it stores 129).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,9 +28,6 @@ MOE_IMPLS = ("auto", "xla", "ragged_dot", "pallas", "dense")
 KERNEL_MODES = ("auto", "mosaic", "interpret")
 REMAT_MODES = ("none", "full", "dots", "dots_saveable")
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-
-
 class ConfigError(ValueError):
     """A configuration that cannot describe a MiMo-V2-Flash model."""
 
@@ -46,10 +41,23 @@ def release_mlp_types(num_layers: int = 48) -> tuple[str, ...]:
     return (DENSE,) + (MOE,) * (num_layers - 1)
 
 
-def _check_choices(field: str, values: Sequence[str], allowed: Sequence[str]) -> None:
+def check_choices(field: str, values: Sequence[str], allowed: Sequence[str]) -> None:
     for v in values:
         if v not in allowed:
             raise ConfigError(f"{field}: {v!r} is not one of {list(allowed)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionKind:
+    """One attention variant of the hybrid stack (`ModelConfig.attention_kind`): the released model
+    has global layers (4 kv heads, theta 5e6, no sinks, no window) and sliding-window layers (8 kv
+    heads, theta 1e4, learned sinks, 128 previous tokens)."""
+
+    name: str  # GLOBAL or SWA
+    kv_heads: int
+    rope_theta: float
+    sinks: bool
+    window: int | None  # previous positions a query sees besides itself; None: every earlier one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,12 +121,12 @@ class ModelConfig:
                 raise ConfigError(
                     f"model.{name} has {len(getattr(self, name))} entries but model.num_layers is {self.num_layers}"
                 )
-        _check_choices("model.layer_types", self.layer_types, (GLOBAL, SWA))
-        _check_choices("model.mlp_types", self.mlp_types, (DENSE, MOE))
-        _check_choices("model.attention_impl", (self.attention_impl,), ATTENTION_IMPLS)
-        _check_choices("model.moe_impl", (self.moe_impl,), MOE_IMPLS)
-        _check_choices("model.kernel_mode", (self.kernel_mode,), KERNEL_MODES)
-        _check_choices("model.remat", (self.remat,), REMAT_MODES)
+        check_choices("model.layer_types", self.layer_types, (GLOBAL, SWA))
+        check_choices("model.mlp_types", self.mlp_types, (DENSE, MOE))
+        check_choices("model.attention_impl", (self.attention_impl,), ATTENTION_IMPLS)
+        check_choices("model.moe_impl", (self.moe_impl,), MOE_IMPLS)
+        check_choices("model.kernel_mode", (self.kernel_mode,), KERNEL_MODES)
+        check_choices("model.remat", (self.remat,), REMAT_MODES)
         for heads_field in ("global_kv_heads", "swa_kv_heads"):
             kv = getattr(self, heads_field)
             if kv <= 0 or self.num_attention_heads % kv:
@@ -181,17 +189,11 @@ class ModelConfig:
     def rotary_dim(self) -> int:
         return int(self.qk_head_dim * self.partial_rotary_factor)
 
-    def kv_heads(self, layer_type: str) -> int:
-        return self.global_kv_heads if layer_type == GLOBAL else self.swa_kv_heads
-
-    def rope_theta(self, layer_type: str) -> float:
-        return self.global_rope_theta if layer_type == GLOBAL else self.swa_rope_theta
-
-    def has_sinks(self, layer_type: str) -> bool:
-        return self.global_attention_sinks if layer_type == GLOBAL else self.swa_attention_sinks
-
-    def window(self, layer_type: str) -> int | None:
-        return None if layer_type == GLOBAL else self.sliding_window
+    def attention_kind(self, layer_type: str) -> AttentionKind:
+        """What a layer of `layer_type` (GLOBAL or SWA) attends with; the one place the two differ."""
+        if layer_type == GLOBAL:
+            return AttentionKind(GLOBAL, self.global_kv_heads, self.global_rope_theta, self.global_attention_sinks, None)
+        return AttentionKind(SWA, self.swa_kv_heads, self.swa_rope_theta, self.swa_attention_sinks, self.sliding_window)
 
     def check_num_draft(self, num_draft: int) -> int:
         """`num_draft` if the MTP heads can draft that many tokens a step (1..num_mtp_heads), else ValueError."""
@@ -355,6 +357,9 @@ class TrainConfig:
     balance_weight: float = 1e-5
     bias_update_rate: float = 1e-3
     z_loss_weight: float = 0.0
+    # The LM and MTP cross-entropy computed this many vocabulary columns at a time, so no
+    # [batch, seq, vocab] fp32 logits exist (mimo_jax.objective.vocab_chunked_stats); 0: whole.
+    loss_vocab_chunk: int = 0
     # lm | mtp_distill (freeze the main model, fit the MTP heads to its distribution) | mopd (the
     # `mopd:` section: on-policy distillation from per-domain teachers)
     mode: str = "lm"
@@ -366,10 +371,12 @@ class TrainConfig:
     init_from: str = ""  # "" (from scratch) | a HF checkpoint directory | a train.py workdir
 
     def __post_init__(self):
-        _check_choices("train.decay", (self.decay,), ("cosine", "constant"))
-        _check_choices("train.mode", (self.mode,), ("lm", "mtp_distill", "mopd"))
+        check_choices("train.decay", (self.decay,), ("cosine", "constant"))
+        check_choices("train.mode", (self.mode,), ("lm", "mtp_distill", "mopd"))
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2 or self.grad_accum_steps < 1:
             raise ConfigError("train.steps, batch_size, grad_accum_steps must be >= 1 and seq_len >= 2")
+        if self.loss_vocab_chunk < 0:
+            raise ConfigError(f"train.loss_vocab_chunk must be >= 0 (0: unchunked), got {self.loss_vocab_chunk}")
         if self.batch_size % self.grad_accum_steps:
             raise ConfigError(f"train.batch_size={self.batch_size} must divide by grad_accum_steps={self.grad_accum_steps}")
 
@@ -460,11 +467,11 @@ def from_dict(cls, data: Mapping[str, Any], where: str = ""):
         if dataclasses.is_dataclass(default):
             kwargs[name] = from_dict(type(default), value, path)
         else:
-            kwargs[name] = _coerce(path, value, default)
+            kwargs[name] = coerce(path, value, default)
     return cls(**kwargs)
 
 
-def _coerce(path: str, value: Any, default: Any) -> Any:
+def coerce(path: str, value: Any, default: Any) -> Any:
     """Checks a leaf against the type of its default (YAML gives ints for floats, lists for tuples)."""
     if isinstance(default, tuple):
         if not isinstance(value, (list, tuple)):
@@ -523,270 +530,3 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
             else:
                 node = node[part]
     return from_dict(Config, data)
-
-
-def resolve_config_path(name_or_path: str) -> str:
-    """A YAML file path, or a preset name from `configs/` (`tiny`, `mimo_v2_flash`)."""
-    if os.path.exists(name_or_path):
-        return name_or_path
-    preset = os.path.join(CONFIG_DIR, name_or_path if name_or_path.endswith(".yaml") else name_or_path + ".yaml")
-    if os.path.exists(preset):
-        return preset
-    presets = sorted(p[:-5] for p in os.listdir(CONFIG_DIR) if p.endswith(".yaml")) if os.path.isdir(CONFIG_DIR) else []
-    raise ConfigError(f"config {name_or_path!r}: no such file, and not a preset ({', '.join(presets)})")
-
-
-def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> Config:
-    """Loads a YAML preset/file or a HF `config.json` (file or directory), then applies overrides."""
-    path = name_or_path
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-        if not os.path.exists(path):
-            raise ConfigError(f"{name_or_path}: directory has no config.json")
-    if path.endswith(".json"):
-        with open(path) as f:
-            try:
-                hf = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        cfg = Config(model=model_config_from_hf(hf, source=path))
-    else:
-        path = resolve_config_path(path)
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        try:
-            cfg = from_dict(Config, data)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
-    return apply_overrides(cfg, overrides)
-
-
-# ---------------------------------------------------------------------------------------------
-# Hugging Face config.json, both dialects
-
-HF_ARCHITECTURE = "MiMoV2FlashForCausalLM"
-HF_MODEL_TYPE = "mimo_v2_flash"
-_HF_LAYER_TYPE = {"full_attention": GLOBAL, "sliding_attention": SWA}
-_HF_MLP_TYPE = {"dense": DENSE, "sparse": MOE}
-
-# Keys that carry no information for this model (or are checked elsewhere, like quantization).
-_HF_IGNORED_KEYS = frozenset(
-    {
-        "architectures", "model_type", "auto_map", "transformers_version", "torch_dtype", "dtype", "use_cache",
-        "attention_dropout", "output_router_logits", "attention_chunk_size", "hybrid_block_size",
-        "quantization_config", "_name_or_path", "return_dict", "output_hidden_states", "output_attentions",
-        "router_aux_loss_coef", "aux_loss_alpha", "seq_aux", "moe_router_dtype", "_attn_implementation_autoset",
-        "chunk_size_feed_forward", "is_encoder_decoder", "tokenizer_class", "problem_type", "id2label", "label2id",
-        "scoring_func", "topk_method", "n_shared_experts", "hidden_act", "attention_bias", "rope_scaling",
-        "swa_num_attention_heads", "swa_head_dim", "swa_v_head_dim", "tie_word_embeddings", "num_nextn_predict_layers",
-    }
-)
-
-
-def model_config_from_hf(hf: Mapping[str, Any], source: str = "config.json", num_mtp_heads: int | None = None) -> ModelConfig:
-    """Reads a HF config in the hub dialect, transformers' dialect, or a consistent mix of both.
-
-    The hub config does not state the MTP head count; `num_mtp_heads` (e.g. counted from the
-    checkpoint's tensors) overrides `num_nextn_predict_layers`, which defaults to the release's 3.
-    """
-
-    def fail(msg: str):
-        raise ConfigError(f"{source}: {msg}")
-
-    arch = hf.get("architectures")
-    if arch is not None and list(arch) != [HF_ARCHITECTURE]:
-        fail(f"architectures {arch} is not supported (expected [{HF_ARCHITECTURE!r}])")
-    if hf.get("model_type", HF_MODEL_TYPE) != HF_MODEL_TYPE:
-        fail(f"model_type {hf['model_type']!r} is not supported (expected {HF_MODEL_TYPE!r})")
-    _check_hf_constants(hf, fail)
-
-    known = _HF_IGNORED_KEYS | set(_HF_DIRECT) | {
-        "num_hidden_layers", "layer_types", "hybrid_layer_pattern", "mlp_layer_types", "moe_layer_freq",
-        "sliding_window", "sliding_window_size", "rms_norm_eps", "layernorm_epsilon", "rope_parameters",
-        "rope_theta", "swa_rope_theta", "partial_rotary_factor", "num_key_value_heads", "swa_num_key_value_heads",
-        "routed_scaling_factor", "add_swa_attention_sink_bias", "add_full_attention_sink_bias",
-        "attention_value_scale", "bos_token_id", "eos_token_id", "pad_token_id",
-    }
-    unknown = sorted(set(hf) - known)
-    if unknown:
-        fail(f"unknown key(s) {unknown}")
-
-    kw: dict[str, Any] = {}
-    for hf_key, field in _HF_DIRECT.items():
-        if hf_key in hf:
-            kw[field] = hf[hf_key]
-    num_layers = hf.get("num_hidden_layers", 48)
-    kw["num_layers"] = num_layers
-
-    def agree(name_a: str, a: Any, name_b: str, b: Any) -> Any:
-        if a is not None and b is not None and a != b:
-            fail(f"contradictory keys: {name_a}={a!r} but {name_b}={b!r}")
-        return a if a is not None else b
-
-    layer_types = None
-    if "layer_types" in hf:
-        bad = [t for t in hf["layer_types"] if t not in _HF_LAYER_TYPE]
-        if bad:
-            fail(f"layer_types has unknown entries {sorted(set(bad))}")
-        layer_types = tuple(_HF_LAYER_TYPE[t] for t in hf["layer_types"])
-    pattern = None
-    if "hybrid_layer_pattern" in hf:
-        if any(p not in (0, 1) for p in hf["hybrid_layer_pattern"]):
-            fail("hybrid_layer_pattern entries must be 0 (global) or 1 (sliding window)")
-        pattern = tuple(SWA if p else GLOBAL for p in hf["hybrid_layer_pattern"])
-    kw["layer_types"] = agree("layer_types", layer_types, "hybrid_layer_pattern", pattern) or release_layer_types(num_layers)
-
-    mlp_types = tuple(_HF_MLP_TYPE.get(t, t) for t in hf["mlp_layer_types"]) if "mlp_layer_types" in hf else None
-    freq = hf.get("moe_layer_freq")
-    if isinstance(freq, int):
-        fail("moe_layer_freq as an integer is not supported; give a per-layer list")
-    freq_types = tuple(MOE if f else DENSE for f in freq) if freq is not None else None
-    kw["mlp_types"] = agree("mlp_layer_types", mlp_types, "moe_layer_freq", freq_types) or release_mlp_types(num_layers)
-
-    eps = agree("rms_norm_eps", hf.get("rms_norm_eps"), "layernorm_epsilon", hf.get("layernorm_epsilon"))
-    if eps is not None:
-        kw["rms_norm_eps"] = eps
-
-    # transformers' `sliding_window` counts the query; the hub's `sliding_window_size` does not. The hub
-    # config also carries a dead `sliding_window` equal to the size, which SGLang and transformers ignore.
-    size, hf_window = hf.get("sliding_window_size"), hf.get("sliding_window")
-    if size is not None:
-        if hf_window is not None and hf_window not in (size, size + 1):
-            fail(f"contradictory keys: sliding_window_size={size} but sliding_window={hf_window}")
-        kw["sliding_window"] = size
-    elif hf_window is not None:
-        kw["sliding_window"] = hf_window - 1
-
-    rope = hf.get("rope_parameters")
-    if rope is not None:
-        for hf_type in rope:
-            if hf_type not in _HF_LAYER_TYPE:
-                fail(f"rope_parameters has unknown layer type {hf_type!r}")
-            if rope[hf_type].get("rope_type", "default") != "default":
-                fail(f"rope_parameters[{hf_type!r}].rope_type={rope[hf_type]['rope_type']!r} is not supported")
-    rope = rope or {}
-    g_theta = agree("rope_theta", hf.get("rope_theta"), "rope_parameters.full_attention.rope_theta",
-                    rope.get("full_attention", {}).get("rope_theta"))
-    s_theta = agree("swa_rope_theta", hf.get("swa_rope_theta"), "rope_parameters.sliding_attention.rope_theta",
-                    rope.get("sliding_attention", {}).get("rope_theta"))
-    factors = {p["partial_rotary_factor"] for p in rope.values() if "partial_rotary_factor" in p}
-    if len(factors) > 1:
-        fail(f"different partial_rotary_factor per layer type {sorted(factors)} is not supported")
-    prf = agree("partial_rotary_factor", hf.get("partial_rotary_factor"), "rope_parameters.*.partial_rotary_factor",
-                factors.pop() if factors else None)
-    for field, value in (("global_rope_theta", g_theta), ("swa_rope_theta", s_theta), ("partial_rotary_factor", prf)):
-        if value is not None:
-            kw[field] = float(value)
-
-    if "num_key_value_heads" in hf:
-        kw["global_kv_heads"] = hf["num_key_value_heads"]
-        # transformers derives the SWA kv heads as twice the global ones; the hub states them.
-        kw["swa_kv_heads"] = hf.get("swa_num_key_value_heads", 2 * hf["num_key_value_heads"])
-    elif "swa_num_key_value_heads" in hf:
-        kw["swa_kv_heads"] = hf["swa_num_key_value_heads"]
-    if hf.get("routed_scaling_factor") is not None:
-        kw["routed_scaling_factor"] = float(hf["routed_scaling_factor"])
-    if hf.get("attention_value_scale") is not None:
-        kw["attention_value_scale"] = float(hf["attention_value_scale"])
-    kw["swa_attention_sinks"] = hf.get("add_swa_attention_sink_bias", True)
-    kw["global_attention_sinks"] = hf.get("add_full_attention_sink_bias", False)
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if key in hf:
-            value = hf[key]
-            kw[key] = value[0] if isinstance(value, list) and value else value
-    if num_mtp_heads is None:
-        num_mtp_heads = hf.get("num_nextn_predict_layers", 3)
-    kw["num_mtp_heads"] = num_mtp_heads
-    try:
-        return ModelConfig(**{k: _coerce(k, v, getattr(ModelConfig, k)) for k, v in kw.items()})
-    except ConfigError as e:
-        fail(str(e))
-
-
-_HF_DIRECT = {
-    "vocab_size": "vocab_size",
-    "hidden_size": "hidden_size",
-    "num_attention_heads": "num_attention_heads",
-    "head_dim": "qk_head_dim",
-    "v_head_dim": "v_head_dim",
-    "intermediate_size": "intermediate_size",
-    "moe_intermediate_size": "moe_intermediate_size",
-    "n_routed_experts": "num_experts",
-    "num_experts_per_tok": "num_experts_per_token",
-    "n_group": "n_group",
-    "topk_group": "topk_group",
-    "norm_topk_prob": "norm_topk_prob",
-    "max_position_embeddings": "max_position_embeddings",
-    "initializer_range": "initializer_range",
-}
-
-# Keys whose only supported value is fixed by the architecture.
-_HF_CONSTANTS = {
-    "hidden_act": "silu",
-    "attention_bias": False,
-    "scoring_func": "sigmoid",
-    "topk_method": "noaux_tc",
-    "tie_word_embeddings": False,
-    "rope_scaling": None,
-    "n_shared_experts": None,
-}
-
-
-def _check_hf_constants(hf: Mapping[str, Any], fail) -> None:
-    for key, expected in _HF_CONSTANTS.items():
-        if key in hf and hf[key] != expected and not (key == "n_shared_experts" and hf[key] == 0):
-            fail(f"{key}={hf[key]!r} is not supported (MiMo-V2-Flash uses {expected!r})")
-    heads = hf.get("num_attention_heads")
-    for key, same_as in (("swa_num_attention_heads", heads), ("swa_head_dim", hf.get("head_dim")),
-                         ("swa_v_head_dim", hf.get("v_head_dim"))):
-        if key in hf and same_as is not None and hf[key] != same_as:
-            fail(f"{key}={hf[key]} differs from the global layers' value {same_as}; this port needs them equal")
-
-
-def model_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    """A config.json that the hub tools (SGLang, vLLM) and transformers all read the same way.
-
-    transformers derives SWA kv heads as twice the global ones and always puts sinks on SWA layers
-    only; a model outside that (allowed here through the hub keys) loads in the hub tools alone.
-    """
-    inv_layer = {v: k for k, v in _HF_LAYER_TYPE.items()}
-    inv_mlp = {v: k for k, v in _HF_MLP_TYPE.items()}
-    rope = {
-        "full_attention": {"rope_type": "default", "rope_theta": cfg.global_rope_theta,
-                           "partial_rotary_factor": cfg.partial_rotary_factor},
-        "sliding_attention": {"rope_type": "default", "rope_theta": cfg.swa_rope_theta,
-                              "partial_rotary_factor": cfg.partial_rotary_factor},
-    }
-    out = {"architectures": [HF_ARCHITECTURE], "model_type": HF_MODEL_TYPE}
-    out.update({hf_key: getattr(cfg, field) for hf_key, field in _HF_DIRECT.items()})
-    out.update(
-        num_hidden_layers=cfg.num_layers,
-        num_key_value_heads=cfg.global_kv_heads,
-        swa_num_key_value_heads=cfg.swa_kv_heads,
-        layer_types=[inv_layer[t] for t in cfg.layer_types],
-        hybrid_layer_pattern=[int(t == SWA) for t in cfg.layer_types],
-        mlp_layer_types=[inv_mlp[t] for t in cfg.mlp_types],
-        moe_layer_freq=[int(t == MOE) for t in cfg.mlp_types],
-        sliding_window=cfg.sliding_window + 1,
-        sliding_window_size=cfg.sliding_window,
-        rope_parameters=rope,
-        rope_theta=cfg.global_rope_theta,
-        swa_rope_theta=cfg.swa_rope_theta,
-        partial_rotary_factor=cfg.partial_rotary_factor,
-        rms_norm_eps=cfg.rms_norm_eps,
-        layernorm_epsilon=cfg.rms_norm_eps,
-        attention_value_scale=cfg.attention_value_scale,
-        add_swa_attention_sink_bias=cfg.swa_attention_sinks,
-        add_full_attention_sink_bias=cfg.global_attention_sinks,
-        routed_scaling_factor=cfg.routed_scaling_factor,
-        num_nextn_predict_layers=cfg.num_mtp_heads,
-        hidden_act="silu",
-        attention_bias=False,
-        scoring_func="sigmoid",
-        topk_method="noaux_tc",
-        tie_word_embeddings=False,
-        bos_token_id=cfg.bos_token_id,
-        eos_token_id=cfg.eos_token_id,
-        pad_token_id=cfg.pad_token_id,
-    )
-    return out
