@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -20,6 +21,9 @@ from mimo_jax.config import Config, ConfigError, load_config
 from mimo_jax.data import make_dataset, unigram_entropy
 from mimo_jax.mopd import mopd_mode
 from mimo_jax.objective import lm_loss
+from mimo_jax.plan.compiling import compile_training_run
+from mimo_jax.plan.report import report
+from mimo_jax.plan.topology import PlanError, parse_topology
 from mimo_jax.run_loop import RunMode, host_scalars, run
 from mimo_jax.train_step import lm_objective
 
@@ -93,15 +97,37 @@ def _progress_line(r: dict, total: int) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="train.py", description="Train MiMo-V2-Flash (LM + MTP).")
     parser.add_argument("--config", default="tiny", help="YAML file, preset name, or HF config.json/dir")
-    parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, config.yaml (resumes if present)")
+    parser.add_argument("--workdir", help="checkpoints, metrics.jsonl, config.yaml (resumes if present); "
+                                           "not needed with --aot")
+    parser.add_argument("--aot", metavar="TOPOLOGY", default=None,
+                        help="instead of training, compile this run's train step for a TPU slice ahead of time "
+                             "(v5p-128, v5e-64, v5p:4x4x8, ...) and print per-chip memory and a step-time estimate")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. train.steps=100 mesh.fsdp=-1")
     args = parser.parse_args(argv)
+    if args.workdir is None and args.aot is None:
+        parser.error("the following arguments are required: --workdir")
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         parser.error(str(e))
+    if args.aot is not None:
+        return compile_ahead_of_time(cfg, args.aot)
     run(cfg, args.workdir, MODES[cfg.train.mode], log=distributed.log)
     return 0
+
+
+def compile_ahead_of_time(cfg: Config, topology_name: str, out=sys.stdout) -> int:
+    """`train.py --aot`: the run's own step compiled for a TPU slice (`plan.compile_training_run`)
+    and its report; 0 if it fits the chips' HBM, 1 if not, 2 on a bad topology or config."""
+    jax.config.update("jax_platforms", "cpu")  # compiled for TPU; nothing runs here
+    try:
+        topology = parse_topology(topology_name)
+        result = compile_training_run(cfg, topology)
+    except (PlanError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report(result, topology, out)
+    return 0 if result.fits else 1
 
 
 if __name__ == "__main__":

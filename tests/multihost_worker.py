@@ -30,10 +30,11 @@ from mimo_jax import MiMoV2Flash, distributed, load_config
 from mimo_jax.sharding import make_mesh
 from mimo_jax.train_step import abstract_model_state, sharded_train_step
 
-# The same small model as tests/test_sharding.py.
+# tests/test_sharding.py's small model at two layers (one of each kind): four processes share the
+# CPU cores while they compile.
 SMALL_MODEL = [
-    "model.vocab_size=96", "model.hidden_size=32", "model.num_layers=4",
-    "model.layer_types=[global, swa, swa, global]", "model.mlp_types=[dense, moe, moe, moe]",
+    "model.vocab_size=96", "model.hidden_size=32", "model.num_layers=2",
+    "model.layer_types=[global, swa]", "model.mlp_types=[dense, moe]",
     "model.qk_head_dim=24", "model.v_head_dim=16", "model.intermediate_size=48",
     "model.moe_intermediate_size=16", "model.num_experts=8", "model.num_experts_per_token=2",
     "model.sliding_window=3", "model.initializer_range=0.2",

@@ -95,12 +95,16 @@ def plan_model(cfg):
     return MiMoV2Flash(cfg, rngs=nnx.Rngs(0))
 
 
-def test_plan_compiles_a_tiny_model_for_a_v5e_slice_and_reports_memory_and_flops(capsys):
-    assert plan.main(["--config", "tiny", "--topology", "v9-8"]) == 2  # the CLI path up to the compile
-    capsys.readouterr()
-    cfg = load_config("configs/tiny.yaml", plan.DEFAULT_OVERRIDES + TINY)
+def test_train_py_compiles_its_own_step_for_a_v5e_slice_and_reports_memory_and_flops(capsys):
+    from mimo_jax.training import main as train_main
+
+    assert plan.main(["--config", "tiny", "--topology", "v9-8"]) == 2  # the CLI paths up to the compile
+    assert train_main(["--config", "tiny", "--aot", "v9-8"]) == 2
+    assert "unknown" in capsys.readouterr().err
+    # train.py --aot's step: the run's batch, optimizer and loss, Mosaic kernels (kernel_mode auto).
+    cfg = load_config("configs/tiny.yaml", TINY + ["train.batch_size=4", "train.seq_len=256"])
     topology = parse_topology("v5e:2x2")
-    result = plan.compile_plan(cfg, topology, "train", 256, None)  # one compile, shared with the report
+    result = plan.compile_training_run(cfg, topology)  # one compile, shared with the report
     out = io.StringIO()
     plan.report(result, topology, out)
     text = out.getvalue()
@@ -210,8 +214,10 @@ def test_inference_cli_errors(capsys):
 
 def test_search_finds_a_fitting_plan_within_its_compile_budget():
     out = io.StringIO()
+    # Two layers, one of each kind: the search logic does not depend on the depth.
     rc = plan.main(["--config", "configs/tiny.yaml", "--topology", "v5e:2x2", "--seq-len", "256", "--search",
-                    "--max-compiles", "1", *TINY], out=out)
+                    "--max-compiles", "1", "model.num_layers=2", "model.layer_types=[global, swa]",
+                    "model.mlp_types=[dense, moe]", "mesh.fsdp=-1"], out=out)
     text = out.getvalue()
     assert rc == 0, text
     assert "| mesh (data,fsdp,expert,tensor) |" in text and "best found:" in text

@@ -128,6 +128,20 @@ def batch_shards(mesh, rules) -> int:
 SEQ_SHARDED_CACHE = ("data", "fsdp", "expert")  # --search's second KV cache layout (sharding.cache_seq)
 
 
+def compile_training_run(cfg, topology: Topology) -> PlanResult:
+    """The train step `train.py` would run with `cfg`, compiled for `topology` (`train.py --aot`):
+    `train.batch_size` rows of `train.seq_len` tokens, its optimizer, gradient accumulation and
+    loss (`train.loss_vocab_chunk` included), on its mesh and sharding rules, with the Pallas
+    kernels compiled by Mosaic where `model.kernel_mode` is auto (as on a TPU)."""
+    if cfg.train.mode == "mopd":
+        raise PlanError("train.py --aot compiles the lm and mtp_distill step; a MOPD step also samples rollouts")
+    if cfg.model.kernel_mode == "auto":
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kernel_mode="mosaic"))
+    if cfg.model.kernel_mode != "mosaic":
+        raise PlanError("model.kernel_mode must be auto or mosaic when compiling for TPU")
+    return compile_plan(cfg, topology, "train", cfg.train.seq_len, cfg.train.batch_size)
+
+
 def compile_plan(cfg, topology: Topology, mode: str, seq_len: int, global_batch: int | None, *,
                  prefill_chunk: int | None = None, num_draft: int = 0) -> PlanResult:
     """Lowers and compiles the step for the topology and reads the compiler's figures.
