@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import Mesh, SingleDeviceSharding
 
 from mimo_jax import sharding
 from mimo_jax.config import Config, ModelConfig, ShardingRules, from_dict, to_dict
@@ -83,24 +83,25 @@ def load_checkpoint(workdir: str, step: int | None = None, model_cfg: ModelConfi
 
 
 def sharded_initializer(cfg: Config, mesh: Mesh):
-    """(graphdef, abstract state, init): `init()` creates the model's state at `train.seed` inside
-    one jit whose `out_shardings` follow the logical-axis rules, so each device computes and holds
-    only its shards (`init.lower().compile().memory_analysis()` shows the per-device bytes)."""
+    """(graphdef, abstract state, its shardings, init): `init()` creates the model's state at
+    `train.seed` inside one jit whose `out_shardings` follow the logical-axis rules, so each device
+    computes and holds only its shards (`init.lower().compile().memory_analysis()` shows the
+    per-device bytes)."""
     graphdef, abstract_state = nnx.split(abstract_model(cfg.model))
     shardings = sharding.state_shardings(abstract_state, mesh, cfg.sharding)
     init = jax.jit(lambda: nnx.state(MiMoV2Flash(cfg.model, rngs=nnx.Rngs(cfg.train.seed))), out_shardings=shardings)
-    return graphdef, abstract_state, init
+    return graphdef, abstract_state, shardings, init
 
 
 def initial_model(cfg: Config, mesh: Mesh | None = None) -> MiMoV2Flash:
     """A run's starting model on `mesh` (default: the run's `cfg.mesh`), every array created in its
     shards by the logical-axis rules, so that no device or host ever holds the whole model: from
-    scratch (`sharded_initializer`; the numbers of an eager init at that seed, up to float rounding
-    in the samplers: XLA fuses them differently), or streamed from `train.init_from` (a workdir's latest checkpoint or a Hugging Face
-    checkpoint, by `model_source`; the optimizer and data start fresh), in the run's own model
-    config (its kernels and compute dtype)."""
+    scratch (`sharded_initializer`; the numbers of an eager init at that seed, up to float
+    rounding in the samplers: XLA fuses them differently), or streamed from `train.init_from` (a
+    workdir's latest checkpoint or a Hugging Face checkpoint, by `model_source`; the optimizer and
+    data start fresh), in the run's own model config (its kernels and compute dtype)."""
     mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
-    graphdef, abstract_state, build = sharded_initializer(cfg, mesh)
+    graphdef, abstract_state, shardings, build = sharded_initializer(cfg, mesh)
     init = cfg.train.init_from
     if not init:
         return nnx.merge(graphdef, build())
@@ -111,7 +112,11 @@ def initial_model(cfg: Config, mesh: Mesh | None = None) -> MiMoV2Flash:
     if source == WORKDIR:
         return load_checkpoint(init, model_cfg=cfg.model, mesh=mesh, rules=cfg.sharding)
     # load_hf gives params and activations one dtype; the run's model may compute in another.
-    place = lambda path, shape, axes: NamedSharding(mesh, sharding.logical_spec(axes, cfg.sharding, mesh, shape))  # noqa: E731
+    # Each tensor goes to the shards of our parameter at its path; one we lack (the shape check
+    # below then names it) to the first device.
+    targets = {path: var.get_value() for path, var in nnx.to_flat_state(shardings)}
+    first = SingleDeviceSharding(jax.devices()[0])
+    place = lambda path, shape, axes: targets.get(path, first)  # noqa: E731
     loaded = dict(nnx.to_flat_state(nnx.state(load_hf(init, jnp.dtype(cfg.model.param_dtype), sharding=place))))
     ours = nnx.to_flat_state(abstract_state)
     for path, var in ours:

@@ -26,6 +26,16 @@ def _shifted_mask(input_ids_BT, segment_ids_BT, shift: int):
     return (segment_ids_BT[:, shift:] == segment_ids_BT[:, :-shift]) & (segment_ids_BT[:, shift:] > 0)
 
 
+def _logit_stats(logits_BTC, targets_BT, start: int = 0):
+    """(logsumexp, target logit, max, argmax) of fp32 logits for vocabulary columns start..start+C;
+    the target logit is 0 where the target lies outside them."""
+    local = targets_BT - start
+    inside = (local >= 0) & (local < logits_BTC.shape[-1])
+    target = jnp.take_along_axis(logits_BTC, jnp.clip(local, 0, logits_BTC.shape[-1] - 1)[..., None], -1)[..., 0]
+    return (jax.nn.logsumexp(logits_BTC, -1), jnp.where(inside, target, 0.0),
+            jax.lax.stop_gradient(logits_BTC.max(-1)), jnp.argmax(logits_BTC, -1).astype(jnp.int32) + start)
+
+
 def vocab_chunked_stats(hidden_BTD, head_DV, targets_BT, chunk: int):
     """(logsumexp, target logit, argmax), each [B, T], of the fp32 logits `hidden @ head`, computed
     `chunk` vocabulary columns at a time (a last, narrower chunk takes the rest).
@@ -40,12 +50,7 @@ def vocab_chunked_stats(hidden_BTD, head_DV, targets_BT, chunk: int):
     def block(w_DC, start):
         logits_BTC = jnp.einsum("btd,dc->btc", hidden_BTD, w_DC.astype(hidden_BTD.dtype),
                                 preferred_element_type=jnp.float32)
-        local = targets_BT - start
-        inside = (local >= 0) & (local < w_DC.shape[1])
-        target = jnp.take_along_axis(logits_BTC, jnp.clip(local, 0, w_DC.shape[1] - 1)[..., None], -1)[..., 0]
-        best = jax.lax.stop_gradient(logits_BTC.max(-1))
-        return (jax.nn.logsumexp(logits_BTC, -1), jnp.where(inside, target, 0.0), best,
-                jnp.argmax(logits_BTC, -1).astype(jnp.int32) + start)
+        return _logit_stats(logits_BTC, targets_BT, start)
 
     def merge(acc, new):
         lse, target, best, arg = acc
@@ -71,18 +76,16 @@ def vocab_chunked_stats(hidden_BTD, head_DV, targets_BT, chunk: int):
 def _head_stats(output: ModelOutput, input_ids_BT, vocab_chunk: int):
     """Per head (main first, then MTP head k): (logsumexp, target logit, argmax) at every position,
     against the head's own target (token j + 1, resp. j + k + 2; past the end, token 0)."""
-    heads = [output.logits] + (list(output.mtp_logits) if output.mtp_logits is not None else [])
-    if output.logits is None:
-        heads = [output.hidden] + (list(output.mtp_hidden) if output.mtp_hidden is not None else [])
+    chunked = output.logits is None
+    main, mtp = (output.hidden, output.mtp_hidden) if chunked else (output.logits, output.mtp_logits)
     stats = []
-    for k, x in enumerate(heads):
+    for k, x in enumerate([main] + (list(mtp) if mtp is not None else [])):
         targets_BT = shift_tokens(input_ids_BT, k + 1)
-        if output.logits is None:
+        if chunked:
             stats.append(vocab_chunked_stats(x, output.lm_head_DV, targets_BT, vocab_chunk))
         else:
-            x = x.astype(jnp.float32)
-            stats.append((jax.nn.logsumexp(x, -1), jnp.take_along_axis(x, targets_BT[..., None], -1)[..., 0],
-                          jnp.argmax(x, -1)))
+            lse, target, _, arg = _logit_stats(x.astype(jnp.float32), targets_BT)
+            stats.append((lse, target, arg))
     return stats
 
 
@@ -101,14 +104,12 @@ def lm_loss(output: ModelOutput, input_ids_BT, segment_ids_BT=None, mtp_weight: 
         raise ValueError("an output without logits (model(..., logits=False)) needs vocab_chunk > 0")
     stats = _head_stats(output, input_ids_BT, vocab_chunk)
 
-    def cross_entropy(k):
-        shift = k + 1
-        valid = _shifted_mask(input_ids_BT, segment_ids_BT, shift)
+    def cross_entropy(k, valid):
         lse, target, _ = stats[k]
-        ce = (lse - target)[:, :-shift]
+        ce = (lse - target)[:, :-(k + 1)]
         return jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
-    lm = cross_entropy(0)
+    lm = cross_entropy(0, _shifted_mask(input_ids_BT, segment_ids_BT, 1))
     metrics = {"lm": lm}
     total = lm
     if len(stats) > 1:
@@ -119,7 +120,7 @@ def lm_loss(output: ModelOutput, input_ids_BT, segment_ids_BT=None, mtp_weight: 
             valid = _shifted_mask(input_ids_BT, segment_ids_BT, shift)
             guess = stats[k][2][:, :-shift]
             n = jnp.maximum(valid.sum(), 1)
-            ce.append(cross_entropy(k))
+            ce.append(cross_entropy(k, valid))
             top1.append(jnp.sum(valid & (guess == input_ids_BT[:, shift:])) / n)
             agree.append(jnp.sum(valid & (guess == main_top1[:, shift - 1:-1])) / n)
         metrics.update(mtp=jnp.stack(ce), mtp_top1=jnp.stack(top1), mtp_agree=jnp.stack(agree))
