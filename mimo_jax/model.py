@@ -66,6 +66,7 @@ class LayerSegment(nnx.Module):
     def __init__(self, cfg: ModelConfig, segment: Segment, *, rngs: nnx.Rngs):
         self.segment = segment
         self.remat = cfg.remat
+        self.unroll = cfg.unroll_layers
         self.runs = nnx.List(
             [DecoderLayer(cfg, *run.kind, stack=(segment.repeats, run.length), rngs=rngs) for run in segment.runs]
         )
@@ -88,14 +89,16 @@ class LayerSegment(nnx.Module):
                     return sharding.constrain(x, ACTIVATION_AXES), (stats, layer_cache)
 
                 if self.remat != "none":
-                    layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-                x, (stats, cache) = jax.lax.scan(layer, x, (state, cache))
+                    # CSE of the recomputation is harmless inside a scan, but unrolled it would undo the remat.
+                    layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=self.unroll)
+                x, (stats, cache) = jax.lax.scan(layer, x, (state, cache), unroll=self.unroll)
                 run_stats.append(stats)
                 run_caches.append(cache)
             return x, (run_stats, run_caches)
 
         period_caches = tuple(caches) if caches is not None else (None,) * len(splits)
-        x_BTD, (run_stats, run_caches) = jax.lax.scan(period, x_BTD, (tuple(s for _, s in splits), period_caches))
+        x_BTD, (run_stats, run_caches) = jax.lax.scan(period, x_BTD, (tuple(s for _, s in splits), period_caches),
+                                                     unroll=self.unroll)
         return x_BTD, run_stats, (run_caches if caches is not None else None)
 
 

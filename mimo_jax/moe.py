@@ -120,15 +120,15 @@ def expert_capacity(tokens: int, k: int, shards: int, capacity_factor: float) ->
     return min(tokens * k, -(-int(math.ceil(capacity_factor * tokens * k / shards)) // 8) * 8)
 
 
-def ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, emulate: bool):
-    """`jax.lax.ragged_all_to_all` over the `expert` axis; `emulate` (XLA:CPU has no ragged
+def ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis, emulate: bool):
+    """`jax.lax.ragged_all_to_all` over the mesh axes `axis`; `emulate` (XLA:CPU has no ragged
     all-to-all) gathers every shard's rows and lets each receiver pick its slices, same semantics."""
     if not emulate:
         return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
-                                         axis_name="expert")
-    me = jax.lax.axis_index("expert")
-    rows = jax.lax.all_gather(operand, "expert")
-    from_offsets, to_offsets, sizes = (jax.lax.all_gather(a, "expert")[:, me]
+                                         axis_name=axis)
+    me = jax.lax.axis_index(axis)
+    rows = jax.lax.all_gather(operand, axis)
+    from_offsets, to_offsets, sizes = (jax.lax.all_gather(a, axis)[:, me]
                                        for a in (input_offsets, output_offsets, send_sizes))
     position = jnp.arange(output.shape[0])
     for source in range(rows.shape[0]):
@@ -143,13 +143,14 @@ def _exclusive_cumsum(x, axis=0):
 
 
 def experts_expert_parallel(x_ND, weights_Nk, experts_Nk, w_gate, w_up, w_down, *, num_experts, shards,
-                            capacity, tensor_split, impl, interpret, emulate_ragged):
-    """Per-device body under shard_map: experts live on `shards` devices of the `expert` axis.
+                            capacity, impl, interpret, emulate_ragged, axis=("expert",), width_axis=None):
+    """Per-device body under shard_map: experts live on the `shards` devices of the mesh axes `axis`.
 
     Each (token, choice) goes to the shard holding its expert and its result comes back. Dropless
     (capacity None): a ragged all-to-all moves exactly the rows each shard gets, into a buffer
     big enough for the worst case. With a capacity: a padded all-to-all of [shards, capacity]
-    slots, choices past a shard's capacity are dropped. The FFN width may be split over `tensor`.
+    slots, choices past a shard's capacity are dropped. The FFN width may be split over the mesh
+    axes `width_axis` (partial outputs summed there).
     """
     n, k = experts_Nk.shape
     d = x_ND.shape[1]
@@ -161,8 +162,8 @@ def experts_expert_parallel(x_ND, weights_Nk, experts_Nk, w_gate, w_up, w_down, 
     rows_sorted, experts_sorted_ = x_ND[order // k], local_expert[order]
 
     if capacity is None:
-        counts_SS = jax.lax.all_gather(counts, "expert")  # [source, destination]
-        me = jax.lax.axis_index("expert")
+        counts_SS = jax.lax.all_gather(counts, axis)  # [source, destination]
+        me = jax.lax.axis_index(axis)
         from_me, to_me = counts, counts_SS[:, me]
         # (input offsets, send sizes, offsets on the receivers, receive sizes) for each direction.
         there_offsets = (_exclusive_cumsum(from_me), from_me, _exclusive_cumsum(counts_SS, axis=0)[me], to_me)
@@ -172,7 +173,7 @@ def experts_expert_parallel(x_ND, weights_Nk, experts_Nk, w_gate, w_up, w_down, 
             offsets = there_offsets if there else back_offsets
             length = shards * n * k if there else n * k  # worst case there: every choice of every shard
             output = jnp.full((length,) + operand.shape[1:], fill, operand.dtype)
-            return ragged_all_to_all(operand, output, *offsets, emulate=emulate_ragged)
+            return ragged_all_to_all(operand, output, *offsets, axis=axis, emulate=emulate_ragged)
 
         recv_x, recv_e = exchange(rows_sorted, 0), exchange(experts_sorted_, local_experts)
     else:
@@ -183,7 +184,7 @@ def experts_expert_parallel(x_ND, weights_Nk, experts_Nk, w_gate, w_up, w_down, 
             if there:
                 buffer = jnp.full((shards * capacity + 1,) + operand.shape[1:], fill, operand.dtype)
                 operand = buffer.at[slot].set(operand)[:-1]
-            moved = jax.lax.all_to_all(operand.reshape((shards, capacity) + operand.shape[1:]), "expert", 0, 0, tiled=True)
+            moved = jax.lax.all_to_all(operand.reshape((shards, capacity) + operand.shape[1:]), axis, 0, 0, tiled=True)
             moved = moved.reshape((shards * capacity,) + operand.shape[1:])
             if there:
                 return moved
@@ -194,8 +195,8 @@ def experts_expert_parallel(x_ND, weights_Nk, experts_Nk, w_gate, w_up, w_down, 
     by_expert = jnp.argsort(recv_e, stable=True)  # empty slots (expert id = local_experts) sort last
     group_sizes = jnp.bincount(recv_e, length=local_experts).astype(jnp.int32)
     out = _expert_ffn(recv_x[by_expert], group_sizes, w_gate, w_up, w_down, impl, interpret)
-    if tensor_split:
-        out = jax.lax.psum(out, "tensor")
+    if width_axis:
+        out = jax.lax.psum(out, width_axis)
     back_sorted = exchange(out[jnp.argsort(by_expert)], 0, there=False)  # rows in `order`
     per_choice_NkD = jnp.zeros_like(back_sorted).at[order].set(back_sorted).reshape(n, k, d)
     return jnp.einsum("nkd,nk->nd", per_choice_NkD.astype(jnp.float32), weights_Nk).astype(x_ND.dtype)
@@ -253,31 +254,46 @@ class MoE(nnx.Module):
         return y_ND.reshape(b, t, d), stats
 
     def _sharded(self, x_BTD, weights_BTk, experts_BTk, w_gate, w_up, w_down):
-        """Under a mesh: tokens stay on their devices, experts on the `expert` axis (shard_map)."""
+        """Under a mesh (shard_map): experts on the mesh axes of the `experts` rule, the FFN width
+        on those of `mlp` left over, tokens on their devices. Tokens sharded by `seq` stay so,
+        unless the width is split over the same axes: then the width's group needs them all."""
         mesh, rules = sharding.active()
         cfg = self.cfg
-        shards = mesh.shape["expert"]
-        if cfg.num_experts % shards:
-            raise ValueError(f"{cfg.num_experts} experts do not divide over an expert axis of {shards}")
         b, t, d = x_BTD.shape
-        batch = sharding.logical_spec(("batch",), rules, mesh, (b,))
-        tokens_per_device = b * t // math.prod(mesh.shape[a] for a in jax.tree.leaves(tuple(batch)))
-        tensor = "tensor" if mesh.shape["tensor"] > 1 and cfg.moe_intermediate_size % mesh.shape["tensor"] == 0 else None
-        capacity = expert_capacity(tokens_per_device, cfg.num_experts_per_token, shards, cfg.moe_capacity_factor)
+        experts_spec = sharding.logical_spec(("experts", "embed", "mlp"), rules, mesh, w_gate.shape)
+        ep, width = _axes(experts_spec, 0), _axes(experts_spec, 2)
+        shards = math.prod(mesh.shape[a] for a in ep)
+        if cfg.num_experts % max(shards, 1) or not ep and mesh.shape["expert"] > 1:
+            raise ValueError(f"{cfg.num_experts} experts do not divide over the expert mesh axes "
+                             f"{dict((a, mesh.shape[a]) for a in rules.experts)} (sharding.experts)")
+        rows_spec = sharding.logical_spec(("batch", "seq"), rules, mesh, (b, t))
+        batch, seq = _axes(rows_spec, 0), _axes(rows_spec, 1)
+        if set(seq) & set(width):
+            seq = ()
+        tokens_per_device = b * t // math.prod(mesh.shape[a] for a in batch + seq)
+        capacity = expert_capacity(tokens_per_device, cfg.num_experts_per_token, max(shards, 1), cfg.moe_capacity_factor)
 
         def body(x_btd, weights_btk, experts_btk, w_gate, w_up, w_down):
             k = weights_btk.shape[-1]
             y_ND = experts_expert_parallel(
                 x_btd.reshape(-1, d), weights_btk.reshape(-1, k), experts_btk.reshape(-1, k), w_gate, w_up, w_down,
-                num_experts=cfg.num_experts, shards=shards, capacity=capacity, tensor_split=tensor is not None,
+                num_experts=cfg.num_experts, shards=max(shards, 1), capacity=capacity,
                 impl=cfg.resolved_moe_impl, interpret=cfg.pallas_interpret,
-                emulate_ragged=mesh.devices.flat[0].platform == "cpu",
+                emulate_ragged=mesh.devices.flat[0].platform == "cpu", axis=ep or ("expert",), width_axis=width or None,
             )
             return y_ND.reshape(x_btd.shape)
 
-        rows = P(*batch, None, None) if batch else P()
+        rows = P(batch or None, seq or None, None)
+        ep_spec, width_spec = ep or None, width or None
         return jax.shard_map(
             body, mesh=mesh, check_vma=False,
-            in_specs=(rows, rows, rows, P("expert", None, tensor), P("expert", None, tensor), P("expert", tensor, None)),
+            in_specs=(rows, rows, rows, P(ep_spec, None, width_spec), P(ep_spec, None, width_spec),
+                      P(ep_spec, width_spec, None)),
             out_specs=rows,
         )(x_BTD, weights_BTk, experts_BTk, w_gate, w_up, w_down)
+
+
+def _axes(spec, dim: int) -> tuple[str, ...]:
+    """The mesh axes dimension `dim` of a PartitionSpec is split over (possibly none)."""
+    entry = spec[dim] if dim < len(spec) else None
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)

@@ -84,15 +84,33 @@ def make_optimizer(train: TrainConfig, params, objective: Objective | None = Non
     (default `lm_objective(train)`) get zero updates."""
     objective = lm_objective(train) if objective is None else objective
     decay_mask = jax.tree.map(lambda p: p.ndim >= 2, params)
-    tx = optax.chain(
-        optax.clip_by_global_norm(train.grad_clip),
-        optax.adamw(learning_rate_schedule(train), b1=train.b1, b2=train.b2, eps=train.eps,
-                    weight_decay=train.weight_decay, mask=decay_mask),
-    )
+    adamw = optax.adamw(learning_rate_schedule(train), b1=train.b1, b2=train.b2, eps=train.eps,
+                        weight_decay=train.weight_decay, mask=decay_mask)
+    if train.moment_dtype:
+        adamw = stored_as(adamw, jnp.dtype(train.moment_dtype))
+    tx = optax.chain(optax.clip_by_global_norm(train.grad_clip), adamw)
     if objective.trains is not None:
         labels = jax.tree_util.tree_map_with_path(lambda path, _: "train" if objective.trains(path) else "freeze", params)
         tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
     return tx
+
+
+def stored_as(tx: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+    """`tx` with its floating-point state kept in `dtype` between steps: each update computes in
+    the state's own dtype (fp32 for fp32 parameters) and rounds the new state back."""
+    def floats_as(tree, dtypes):
+        return jax.tree.map(lambda x, d: x.astype(d) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree, dtypes)
+
+    def init(params):
+        state = tx.init(params)
+        return floats_as(state, jax.tree.map(lambda _: dtype, state))
+
+    def update(updates, state, params=None):
+        own = jax.tree.map(lambda x: x.dtype, jax.eval_shape(tx.init, params if params is not None else updates))
+        updates, state = tx.update(updates, floats_as(state, own), params)
+        return updates, floats_as(state, jax.tree.map(lambda _: dtype, state))
+
+    return optax.GradientTransformation(init, update)
 
 
 def train_step_fn(graphdef, tx: optax.GradientTransformation, train: TrainConfig = TrainConfig(),

@@ -102,6 +102,9 @@ def main(argv=None):
     parser.add_argument("--aot", metavar="TOPOLOGY", default=None,
                         help="instead of training, compile this run's train step for a TPU slice ahead of time "
                              "(v5p-128, v5e-64, v5p:4x4x8, ...) and print per-chip memory and a step-time estimate")
+    parser.add_argument("--cost-model", action="store_true",
+                        help="with --aot: also cost the step with the plan's cost model (unrolled probes: flops, "
+                             "HBM and ICI time)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. train.steps=100 mesh.fsdp=-1")
     args = parser.parse_args(argv)
     if args.workdir is None and args.aot is None:
@@ -111,18 +114,18 @@ def main(argv=None):
     except ConfigError as e:
         parser.error(str(e))
     if args.aot is not None:
-        return compile_ahead_of_time(cfg, args.aot)
+        return compile_ahead_of_time(cfg, args.aot, cost_model=args.cost_model)
     run(cfg, args.workdir, MODES[cfg.train.mode], log=distributed.log)
     return 0
 
 
-def compile_ahead_of_time(cfg: Config, topology_name: str, out=sys.stdout) -> int:
+def compile_ahead_of_time(cfg: Config, topology_name: str, out=sys.stdout, cost_model: bool = False) -> int:
     """`train.py --aot`: the run's own step compiled for a TPU slice (`plan.compile_training_run`)
     and its report; 0 if it fits the chips' HBM, 1 if not, 2 on a bad topology or config."""
     jax.config.update("jax_platforms", "cpu")  # compiled for TPU; nothing runs here
     try:
         topology = parse_topology(topology_name)
-        result = compile_training_run(cfg, topology)
+        result = compile_training_run(cfg, topology, cost_model)
     except (PlanError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -110,7 +110,7 @@ def test_train_py_compiles_its_own_step_for_a_v5e_slice_and_reports_memory_and_f
     text = out.getvalue()
     for field in ("memory/chip", "parameters", "optimizer state", "temporaries (XLA)", "peak total", "FITS",
                   "flops/step", "XLA cost_analysis", "XLA estimate", "step time", "model flops/token (hand)",
-                  "traced flops/token", "MFU", "compile time"):
+                  "traced flops/token", "MFU", "compile time", "largest buffers"):
         assert field in text, field
     assert "fsdp=4" in text and "batch 4 x 256" in text
 
@@ -123,6 +123,10 @@ def test_train_py_compiles_its_own_step_for_a_v5e_slice_and_reports_memory_and_f
                   result.traced_flops["total"], result.step_seconds):
         assert value > 0
     assert result.argument_bytes >= result.params_bytes + result.opt_bytes  # XLA holds the state too
+    # The largest buffers of XLA's assignment, each with the shapes that share it, none above the peak.
+    sizes = [size for size, _ in result.largest_buffers]
+    assert len(sizes) == 5 and sizes == sorted(sizes, reverse=True) and 0 < sizes[0] <= result.peak_bytes
+    assert all(re.search(r"\b(f32|bf16|s32|u32|pred)\[[\d,]*\]", shapes) for _, shapes in result.largest_buffers)
     # XLA counts per device and each scanned layer once; the traced count multiplies the scans out.
     assert result.loop_factor > 1
     assert result.traced_flops["total"] / result.tokens > 0.5 * result.hand["total"]

@@ -180,21 +180,42 @@ def test_sharded_train_step_keeps_layout_and_matches_unsharded_steps(setup):
         assert leaf.sharding == want
 
 
-@pytest.mark.parametrize("capacity_factor, exact", [(0.0, True), (8.0, True), (0.5, False)])
-def test_expert_dispatch_dropless_and_with_capacity(setup, capacity_factor, exact):
+# Experts over expert x tensor (4 shards of 2 experts, the FFN width whole) with the tokens of each
+# sequence split over tensor: each device dispatches only its own tokens, over the 4-way exchange.
+WIDE_EP = ("fsdp x tensor x expert", ShardingRules(experts=("expert", "tensor"), seq=("tensor",)))
+
+
+@pytest.mark.parametrize("capacity_factor, exact, layout", [
+    (0.0, True, ("fsdp x expert", ShardingRules())), (0.5, False, ("fsdp x expert", ShardingRules())),
+    (8.0, True, WIDE_EP)])
+def test_expert_dispatch_dropless_and_with_capacity(setup, capacity_factor, exact, layout):
     """Dropless (ragged exchange) and a capacity that fits everything equal one device; a small
     capacity drops choices (their expert output is zero) but stays finite."""
     import dataclasses
 
     cfg, ids, seg = setup
     cfg = dataclasses.replace(cfg, moe_capacity_factor=capacity_factor)
+    mesh_name, rules = layout
     want = _run(cfg, ids, seg)
-    got = _run(cfg, ids, seg, make_mesh(MESHES["fsdp x expert"]))
+    got = _run(cfg, ids, seg, make_mesh(MESHES[mesh_name]), rules)
     if exact:
         np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
         _assert_tree_close(got[2], want[2], 1e-4)
     else:
         assert np.isfinite(got[0]) and abs(float(got[0]) - float(want[0])) > 1e-6
+
+
+def test_wide_expert_parallelism_splits_experts_over_two_axes_and_tokens_over_the_sequence(setup):
+    cfg, ids, _ = setup
+    mesh_name, rules = WIDE_EP
+    mesh = make_mesh(MESHES[mesh_name])
+    assert logical_spec(("experts", "embed", "mlp"), rules, mesh, (8, 32, 16)) == \
+        jax.sharding.PartitionSpec(("expert", "tensor"), "fsdp")
+    model = sharding.shard_model(MiMoV2Flash(cfg, rngs=nnx.Rngs(0)), mesh, rules)
+    moe = [run.mlp for seg in model.segments for run in seg.runs if hasattr(run.mlp, "w_gate")][0]
+    assert moe.w_gate[...].addressable_shards[0].data.shape[-3:] == (2, 16, 16)  # 2 experts, whole width
+    assert logical_spec(("batch", "seq"), rules, mesh, ids.shape) == jax.sharding.PartitionSpec(("fsdp", "expert"),
+                                                                                               "tensor")
 
 
 def test_expert_parallel_train_step_compiles_for_a_tpu_slice(setup):

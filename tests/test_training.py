@@ -147,6 +147,37 @@ def test_gradient_accumulation_matches_the_full_batch():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_bf16_moments_halve_the_optimizer_state_and_round_the_fp32_update():
+    import jax
+    import jax.numpy as jnp
+
+    from mimo_jax.config import TrainConfig
+    from mimo_jax.train_step import make_optimizer
+
+    params = {"w": jax.random.normal(jax.random.key(0), (16, 8)), "b": jnp.zeros((8,))}
+    grads = [jax.tree.map(lambda p, i=i: jnp.sin(p + i) + 0.1, params) for i in range(3)]
+    runs = {}
+    for moments in ("", "bfloat16"):
+        tx = make_optimizer(TrainConfig(moment_dtype=moments, warmup_steps=0, decay="constant"), params)
+        state, p, states = tx.init(params), params, []
+        for g in grads:
+            updates, state = jax.jit(tx.update)(g, state, p)
+            p = jax.tree.map(jnp.add, p, updates)
+            states.append(state)
+        runs[moments] = p, states
+    float_bytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree) if x.dtype != jnp.int32)  # noqa: E731
+    assert float_bytes(runs["bfloat16"][1][0]) * 2 == float_bytes(runs[""][1][0])
+    adam = lambda state: state[1][0]  # noqa: E731 - (clip, (adam, decay, lr)) -> adam's (count, mu, nu)
+    low, full = adam(runs["bfloat16"][1][0]), adam(runs[""][1][0])
+    assert low.mu["w"].dtype == low.nu["w"].dtype == jnp.bfloat16 and full.mu["w"].dtype == jnp.float32
+    # From zero moments, the first bf16 state is the fp32 state rounded.
+    np.testing.assert_array_equal(low.nu["w"], full.nu["w"].astype(jnp.bfloat16))
+    np.testing.assert_array_equal(low.mu["w"], full.mu["w"].astype(jnp.bfloat16))
+    got, want = runs["bfloat16"][0]["w"], runs[""][0]["w"]
+    assert not np.array_equal(got, want)
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-4)
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     proc = subprocess.Popen(_train_cmd(tmp_path, "train.steps=1000", "train.checkpoint_every=3"), env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

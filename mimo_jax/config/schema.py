@@ -112,6 +112,9 @@ class ModelConfig:
     kernel_mode: str = "auto"
     # Rematerialisation of each decoder layer in the backward pass (mimo_jax.model.REMAT_POLICIES).
     remat: str = "none"
+    # Unroll the layer scans into straight-line code: compile time grows with depth. The plan's cost
+    # model (mimo_jax.plan.cost) compiles unrolled probes, so XLA counts every layer it runs.
+    unroll_layers: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
@@ -352,6 +355,9 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    # How the Adam moments are stored: "" in the parameters' dtype; "bfloat16" halves the optimizer
+    # state of fp32 parameters (a memory lever; the update is computed in fp32 either way).
+    moment_dtype: str = ""
     grad_accum_steps: int = 1
     mtp_weight: float = 0.3
     balance_weight: float = 1e-5
@@ -373,6 +379,7 @@ class TrainConfig:
     def __post_init__(self):
         check_choices("train.decay", (self.decay,), ("cosine", "constant"))
         check_choices("train.mode", (self.mode,), ("lm", "mtp_distill", "mopd"))
+        check_choices("train.moment_dtype", (self.moment_dtype,), ("", "float32", "bfloat16"))
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2 or self.grad_accum_steps < 1:
             raise ConfigError("train.steps, batch_size, grad_accum_steps must be >= 1 and seq_len >= 2")
         if self.loss_vocab_chunk < 0:

@@ -1,7 +1,8 @@
 """Pod planning: compile a training, prefill or decode step for a TPU slice ahead of time, on CPU
 (`python -m mimo_jax.plan`; the usage is `mimo_jax.plan.cli`'s docstring, and docs/scaling.md).
 
-Modules: `topology` (chips, slices), `compiling` (one step, its figures), `report`, `search`, `cli`.
+Modules: `topology` (chips, slices), `compiling` (one step, its figures), `cost` (the cost model), `report`,
+`search`, `cli`.
 """
 
 from mimo_jax.flops import hand_flops_per_token, jaxpr_flops  # noqa: F401 - re-exported: they lived here
@@ -13,6 +14,7 @@ from mimo_jax.plan.compiling import (
     abstract_cache,
     batch_shards,
     build_mesh,
+    build_step,
     bytes_per_device,
     cache_shardings,
     compile_plan,
@@ -44,4 +46,4 @@ from mimo_jax.plan.topology import (
     topology_devices,
 )
 
-__all__ = ['ALIASES', 'CHIPS', 'ChipSpec', 'DEFAULT_OVERRIDES', 'DEFAULT_PREFILL_CHUNK', 'GIB', 'PlanError', 'PlanResult', 'SEARCH_HEADER', 'SEQ_SHARDED_CACHE', 'SHAPES_2D', 'SHAPES_3D', 'Topology', 'abstract_cache', 'batch_shards', 'build_mesh', 'bytes_per_device', 'cache_shardings', 'candidate_meshes', 'compile_plan', 'compile_training_run', 'compile_plan_stub', 'device_share', 'dropless_dispatch_bytes', 'hand_flops_per_token', 'jaxpr_flops', 'known_topologies', 'loss_logits_bytes', 'main', 'mfu', 'parse_topology', 'report', 'search', 'search_row', 'step_query_len', 'topology_devices']
+__all__ = ['ALIASES', 'CHIPS', 'ChipSpec', 'DEFAULT_OVERRIDES', 'DEFAULT_PREFILL_CHUNK', 'GIB', 'PlanError', 'PlanResult', 'SEARCH_HEADER', 'SEQ_SHARDED_CACHE', 'SHAPES_2D', 'SHAPES_3D', 'Topology', 'abstract_cache', 'batch_shards', 'build_mesh', 'build_step', 'bytes_per_device', 'cache_shardings', 'candidate_meshes', 'compile_plan', 'compile_training_run', 'compile_plan_stub', 'device_share', 'dropless_dispatch_bytes', 'hand_flops_per_token', 'jaxpr_flops', 'known_topologies', 'loss_logits_bytes', 'main', 'mfu', 'parse_topology', 'report', 'search', 'search_row', 'step_query_len', 'topology_devices']

@@ -62,12 +62,19 @@ def main(argv: Sequence[str] | None = None, out=sys.stdout) -> int:
     parser.add_argument("--num-draft", type=int, default=0,
                         help="decode: plan the speculative verify step of this many MTP drafts + 1 (default 0: "
                              "plain decoding, 1 token)")
+    parser.add_argument("--cost-model", action="store_true",
+                        help="also compile the cost model's probes (layers unrolled) for flops, HBM and ICI time "
+                             "(mimo_jax.plan.cost)")
+    parser.add_argument("--largest-buffers", type=int, default=5, metavar="N",
+                        help="list the N largest buffers of XLA's buffer assignment (default 5; 0: none)")
     parser.add_argument("--search", action="store_true", help="try meshes / remat / capacity until one fits")
     parser.add_argument("--max-compiles", type=int, default=6, help="cap on compiles in --search")
     parser.add_argument("--meshes-per-policy", type=int, default=3,
                         help="in --search, meshes tried per (capacity, remat or cache layout) before moving on")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value config overrides (model.*, mesh.*, sharding.*)")
     args = parser.parse_args(argv)
+    if args.cost_model and args.search:
+        parser.error("--cost-model costs one plan: run it on the plan --search finds")
 
 
     jax.config.update("jax_platforms", "cpu")  # the program is compiled for TPU; nothing runs here
@@ -91,7 +98,8 @@ def main(argv: Sequence[str] | None = None, out=sys.stdout) -> int:
             report(best, topology, out)
             return 0
         result = compile_plan(cfg, topology, args.mode, args.seq_len, args.global_batch,
-                              prefill_chunk=args.prefill_chunk, num_draft=args.num_draft)
+                              prefill_chunk=args.prefill_chunk, num_draft=args.num_draft, cost_model=args.cost_model,
+                              largest_buffers=args.largest_buffers)
     except (PlanError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -4,8 +4,12 @@ compiler's memory and cost figures into a `PlanResult`."""
 from __future__ import annotations
 
 import dataclasses
+import glob
 import math
+import os
 import re
+import sys
+import tempfile
 import time
 
 import jax
@@ -18,6 +22,7 @@ from mimo_jax import sharding
 from mimo_jax.config import ConfigError
 from mimo_jax.flops import hand_flops_per_token, jaxpr_flops
 from mimo_jax.kv_cache import CACHE_AXES, DEFAULT_PREFILL_CHUNK, init_cache
+from mimo_jax.plan.cost import CostEstimate, estimate_cost
 from mimo_jax.plan.topology import GIB, PlanError, Topology, topology_devices
 from mimo_jax.sharding import logical_spec, make_mesh
 from mimo_jax.train_step import abstract_model_state, make_optimizer, sharded_train_step
@@ -59,6 +64,8 @@ class PlanResult:
     traced_flops: dict[str, float] = dataclasses.field(default_factory=dict)  # global, loops counted
     hand: dict[str, float] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
+    cost: CostEstimate | None = None  # the cost model's figures (compile_plan(..., cost_model=True))
+    largest_buffers: list[tuple[int, str]] = dataclasses.field(default_factory=list)  # (bytes, shapes) per device
 
     @property
     def tokens(self) -> int:
@@ -90,13 +97,18 @@ class PlanResult:
 
     @property
     def step_seconds(self) -> float:
-        """XLA's estimate scaled by the loop factor, or the roofline where XLA gives none."""
+        """The cost model's overlapped estimate; without one XLA's estimate scaled by the loop
+        factor, or the roofline where XLA gives none."""
+        if self.cost is not None:
+            return self.cost.overlapped_seconds
         if self.xla_seconds and self.xla_seconds > 0:
             return self.xla_seconds * self.loop_factor
         return self.roofline_seconds
 
     @property
     def time_source(self) -> str:
+        if self.cost is not None:
+            return "cost model: max(compute, HBM, ICI), all overlapped"
         if self.xla_seconds and self.xla_seconds > 0:
             return "XLA optimal_seconds x loop factor"
         return "roofline, XLA gave no usable estimate"
@@ -128,7 +140,7 @@ def batch_shards(mesh, rules) -> int:
 SEQ_SHARDED_CACHE = ("data", "fsdp", "expert")  # --search's second KV cache layout (sharding.cache_seq)
 
 
-def compile_training_run(cfg, topology: Topology) -> PlanResult:
+def compile_training_run(cfg, topology: Topology, cost_model: bool = False, largest_buffers: int = 5) -> PlanResult:
     """The train step `train.py` would run with `cfg`, compiled for `topology` (`train.py --aot`):
     `train.batch_size` rows of `train.seq_len` tokens, its optimizer, gradient accumulation and
     loss (`train.loss_vocab_chunk` included), on its mesh and sharding rules, with the Pallas
@@ -139,12 +151,16 @@ def compile_training_run(cfg, topology: Topology) -> PlanResult:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kernel_mode="mosaic"))
     if cfg.model.kernel_mode != "mosaic":
         raise PlanError("model.kernel_mode must be auto or mosaic when compiling for TPU")
-    return compile_plan(cfg, topology, "train", cfg.train.seq_len, cfg.train.batch_size)
+    return compile_plan(cfg, topology, "train", cfg.train.seq_len, cfg.train.batch_size, cost_model=cost_model,
+                        largest_buffers=largest_buffers)
 
 
 def compile_plan(cfg, topology: Topology, mode: str, seq_len: int, global_batch: int | None, *,
-                 prefill_chunk: int | None = None, num_draft: int = 0) -> PlanResult:
-    """Lowers and compiles the step for the topology and reads the compiler's figures.
+                 prefill_chunk: int | None = None, num_draft: int = 0, cost_model: bool = False,
+                 largest_buffers: int = 5) -> PlanResult:
+    """Lowers and compiles the step for the topology and reads the compiler's figures, with the
+    `largest_buffers` biggest HBM buffers of XLA's buffer assignment; with `cost_model`, a step
+    that compiled is also costed by `mimo_jax.plan.cost` (more compiles).
 
     train: one optimizer step; prefill: the last `prefill_chunk`-token chunk (default
     DEFAULT_PREFILL_CHUNK, at most `seq_len`) of a prompt into a `seq_len`-token KV cache; decode:
@@ -167,39 +183,21 @@ def compile_plan(cfg, topology: Topology, mode: str, seq_len: int, global_batch:
     if "expert" in mesh.shape and model_cfg.num_experts % mesh.shape["expert"]:
         raise PlanError(f"expert axis {mesh.shape['expert']} does not divide {model_cfg.num_experts} experts")
 
-    graphdef, params, rest = abstract_model_state(model_cfg)
-    if mode == "train":
-        batch_shape = (batch, seq_len)
-        tx = make_optimizer(cfg.train, params)
-        step, shardings = sharded_train_step(graphdef, params, rest, tx, mesh, rules, batch_shape, cfg.train)
-        opt_state = jax.eval_shape(tx.init, params)
-        ids = jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=shardings["batch"])
-        args = (_with_shardings(params, shardings["params"]), _with_shardings(opt_state, shardings["opt_state"]),
-                _with_shardings(rest, shardings["rest"]), ids, ids)
-        result.opt_bytes = bytes_per_device(opt_state, shardings["opt_state"])
-    else:
-        cache = abstract_cache(model_cfg, batch, seq_len, num_draft)
-        logits_at = 1 if mode == "prefill" else query_len
-        step, shardings = _sharded_cached_step(graphdef, params, rest, cache, mesh, rules, (batch, query_len), logits_at,
-                                               model_cfg.vocab_size)
-        ids = jax.ShapeDtypeStruct((batch, query_len), jnp.int32, sharding=shardings["batch"])
-        args = (_with_shardings(params, shardings["params"]), _with_shardings(rest, shardings["rest"]),
-                _with_shardings(cache, shardings["cache"]), ids, ids)
-        result.cache_bytes = bytes_per_device(cache, shardings["cache"])
+    step, args, state = build_step(cfg, mesh, mode, batch, seq_len, query_len, num_draft)
+    result.params_bytes, result.opt_bytes, result.cache_bytes, result.rest_bytes = (
+        state["params"], state.get("opt_state", 0), state.get("cache", 0), state["rest"])
+    if mode != "train":
         result.cache_seq = rules.cache_seq
-        largest = max(zip(jax.tree.leaves(cache), jax.tree.leaves(shardings["cache"])), key=lambda c: c[0].size)
-        result.cache_spec = f"{list(largest[0].shape)} as {largest[1].spec}"
+        result.cache_spec = state["cache_spec"]
         if num_draft:
             result.notes.append(f"verify step: {query_len} tokens per sequence through the main model; the cache "
                                 f"holds the MTP heads' rings too, but the {num_draft} drafting passes are not compiled")
-    result.params_bytes = bytes_per_device(params, shardings["params"])
-    result.rest_bytes = bytes_per_device(rest, shardings["rest"])
 
     t0 = time.perf_counter()
     traced = step.trace(*args)
     result.traced_flops = jaxpr_flops(traced.jaxpr)
     try:
-        compiled = traced.lower().compile()
+        compiled, result.largest_buffers = compile_reading_buffers(traced.lower(), largest_buffers)
     except Exception as e:  # noqa: BLE001 - the compiler's verdict is the result
         result.compile_s = time.perf_counter() - t0
         text = str(e)
@@ -212,7 +210,70 @@ def compile_plan(cfg, topology: Topology, mode: str, seq_len: int, global_batch:
         raise
     result.compile_s = time.perf_counter() - t0
     _read_compiled(result, compiled, topology)
+    if cost_model:
+        try:
+            result.cost = estimate_cost(cfg, topology, mesh, mode, batch, seq_len, query_len, num_draft, build_step,
+                                        device_share(result, topology),
+                                        progress=lambda m: print(m, file=sys.stderr, flush=True))
+        except jax.errors.JaxRuntimeError as e:  # a probe refused: the plan stands without the estimate
+            result.notes.append("cost model: a probe did not compile: " + " ".join(str(e).split())[:200])
     return result
+
+
+def build_step(cfg, mesh, mode: str, batch: int, seq_len: int, query_len: int, num_draft: int = 0):
+    """(jitted step, its abstract sharded arguments, per-device state bytes by kind) for one
+    training step (`cfg.train`'s optimizer, accumulation and loss) or one cached model call."""
+    model_cfg, rules = cfg.model, cfg.sharding
+    graphdef, params, rest = abstract_model_state(model_cfg)
+    state = {}
+    if mode == "train":
+        batch_shape = (batch, seq_len)
+        tx = make_optimizer(cfg.train, params)
+        step, shardings = sharded_train_step(graphdef, params, rest, tx, mesh, rules, batch_shape, cfg.train)
+        opt_state = jax.eval_shape(tx.init, params)
+        ids = jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=shardings["batch"])
+        args = (_with_shardings(params, shardings["params"]), _with_shardings(opt_state, shardings["opt_state"]),
+                _with_shardings(rest, shardings["rest"]), ids, ids)
+        state["opt_state"] = bytes_per_device(opt_state, shardings["opt_state"])
+    else:
+        cache = abstract_cache(model_cfg, batch, seq_len, num_draft)
+        logits_at = 1 if mode == "prefill" else query_len
+        step, shardings = _sharded_cached_step(graphdef, params, rest, cache, mesh, rules, (batch, query_len), logits_at,
+                                               model_cfg.vocab_size)
+        ids = jax.ShapeDtypeStruct((batch, query_len), jnp.int32, sharding=shardings["batch"])
+        args = (_with_shardings(params, shardings["params"]), _with_shardings(rest, shardings["rest"]),
+                _with_shardings(cache, shardings["cache"]), ids, ids)
+        state["cache"] = bytes_per_device(cache, shardings["cache"])
+        largest = max(zip(jax.tree.leaves(cache), jax.tree.leaves(shardings["cache"])), key=lambda c: c[0].size)
+        state["cache_spec"] = f"{list(largest[0].shape)} as {largest[1].spec}"
+    state["params"] = bytes_per_device(params, shardings["params"])
+    state["rest"] = bytes_per_device(rest, shardings["rest"])
+    return step, args, state
+
+
+_REPORT_LINE = re.compile(r"^\s*[\d.]+\w*\(\s*\d+%\);\s*([\d.]+)(B|KiB|MiB|GiB|TiB);\s*\d+;\s*\d+;\s*(.*)$")
+_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+
+
+def compile_reading_buffers(lowered, top: int):
+    """(compiled, the `top` largest buffers [(bytes, shapes sharing it)]) of XLA's buffer
+    assignment: parameters, outputs and slices of the temporaries, per device."""
+    if not top:
+        return lowered.compile(), []
+    with tempfile.TemporaryDirectory() as dump:
+        compiled = lowered.compile(compiler_options={"xla_dump_to": dump})
+        reports = [open(path).read() for path in glob.glob(os.path.join(dump, "*memory-usage-report.txt"))]
+    return compiled, largest_buffers(max(reports, key=len, default=""), top)
+
+
+def largest_buffers(memory_usage_report: str, top: int) -> list[tuple[int, str]]:
+    """The `top` largest entries of an XLA memory-usage report (from `xla_dump_to`)."""
+    found = []
+    for line in memory_usage_report.splitlines():
+        m = _REPORT_LINE.match(line)
+        if m:
+            found.append((int(float(m.group(1)) * _UNITS[m.group(2)]), m.group(3).strip()))
+    return sorted(found, key=lambda entry: -entry[0])[:top]
 
 
 def _oom_summary(text: str) -> str:

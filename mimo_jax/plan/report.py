@@ -12,9 +12,27 @@ def _gib(n: float) -> str:
     return f"{n / GIB:,.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:,.3f} MiB"
 
 
-def mfu(result: PlanResult, topology: Topology) -> float:
-    model_flops = result.hand["total"] * result.tokens
-    return model_flops / (topology.chips * topology.chip.peak_tflops * 1e12 * result.step_seconds)
+def mfu(result: PlanResult, topology: Topology, causal: bool = False, seconds: float | None = None) -> float:
+    """Model flops (hand count, PaLM's convention or causal-exact) over the chips' peak in the step."""
+    model_flops = result.hand["total_causal" if causal else "total"] * result.tokens
+    seconds = result.step_seconds if seconds is None else seconds
+    return model_flops / (topology.chips * topology.chip.peak_tflops * 1e12 * seconds)
+
+
+def _report_cost(result: PlanResult, p) -> None:
+    cost = result.cost
+    probes = " + ".join(f"{w:+g} x {n} layers ({s:.0f} s)" for n, w, s in cost.probes)
+    micro = f", x {cost.micro_batches} micro-batches" if cost.micro_batches > 1 else ""
+    p(f"cost model:      probes with the layers unrolled: {probes}{micro}")
+    p(f"  flops          {cost.flops:.4g} per device (XLA, every layer counted) -> compute {cost.compute_seconds:.4g} s")
+    p(f"  HBM traffic    {_gib(cost.hbm_bytes)} per device -> {cost.hbm_seconds:.4g} s")
+    p(f"  ICI            {_gib(sum(cost.collectives.values()))} sent per device -> {cost.ici_seconds:.4g} s:")
+    for (kind, axes), wire in sorted(cost.collectives.items(), key=lambda kv: -kv[1])[:8]:
+        p(f"    {kind:<20} over {'x'.join(axes) or '-':<16} {_gib(wire)}")
+    for note in cost.notes:
+        p(f"  note:          {note}")
+    p(f"step time:       {cost.overlapped_seconds:.4g} s with compute, HBM and ICI overlapped; "
+      f"{cost.serial_seconds:.4g} s with no collective hidden")
 
 
 def _describe_step(result: PlanResult) -> str:
@@ -64,6 +82,11 @@ def report(result: PlanResult, topology: Topology, out=sys.stdout) -> None:
     p(f"  program code        {_gib(result.code_bytes)}")
     p(f"  peak total          {_gib(result.peak_bytes)} of {_gib(result.hbm_bytes)} HBM -> "
       f"{'FITS' if result.fits else 'DOES NOT FIT'} ({100 * result.peak_bytes / result.hbm_bytes:.0f}%)")
+    if result.largest_buffers:
+        p("largest buffers: (XLA's buffer assignment, per device: arguments, outputs, slices of the temporaries, "
+          "each with the shapes that share it)")
+        for size, shapes in result.largest_buffers:
+            p(f"  {_gib(size):>12}  {shapes if len(shapes) < 160 else shapes[:157] + '...'}")
     xla_total = result.flops_per_device * result.devices
     traced = result.traced_flops
     p(f"flops/step:      {traced['total']:.4g} in total, counted on the traced program with every scanned layer "
@@ -75,8 +98,11 @@ def report(result: PlanResult, topology: Topology, out=sys.stdout) -> None:
     xla = ("missing" if result.xla_seconds is None else f"{result.xla_seconds:.4g} s"
            + (" (negative: unusable)" if result.xla_seconds <= 0 else ""))
     p(f"XLA estimate:    {xla}; roofline max(flops/peak, bytes/HBM bandwidth) = {result.roofline_seconds:.4g} s")
-    p(f"step time:       {result.step_seconds:.4g} s ({result.time_source}; neither models ICI communication "
-      f"fully, so treat it as a lower bound)")
+    if result.cost is not None:
+        _report_cost(result, p)
+    else:
+        p(f"step time:       {result.step_seconds:.4g} s ({result.time_source}; neither models ICI communication "
+          f"fully, so treat it as a lower bound; --cost-model compiles the cost model's probes)")
     if result.mode != "train":
         p(f"HBM floor:       {result.stream_seconds:.4g} s to read the parameters and the KV cache once per chip "
           f"(XLA's traffic above also counts copies the program makes, e.g. of scanned weights)")
@@ -106,3 +132,6 @@ def report(result: PlanResult, topology: Topology, out=sys.stdout) -> None:
     p(f"traced flops/token: {per_token:.4g} = {per_token / hand['total']:.3f} x the hand count "
       f"({per_token / hand['total_causal']:.3f} x causal-exact; the traced count adds {extra})")
     p(f"MFU:             {100 * mfu(result, topology):.1f}% (hand model flops x tokens / (chips x peak x step time))")
+    if result.cost is not None:
+        p(f"  causal-exact:  {100 * mfu(result, topology, causal=True):.1f}% (attention at (T+1)/2 keys); with no "
+          f"collective overlapped: {100 * mfu(result, topology, causal=True, seconds=result.cost.serial_seconds):.1f}%")

@@ -119,7 +119,7 @@ def search(base_cfg, topology: Topology, mode: str, seq_len: int, global_batch: 
                                                         query_len, num_draft)
                             print(search_row(skipped), file=out, flush=True)
                     continue
-                result = compile_plan(cfg, topology, mode, seq_len, global_batch,
+                result = compile_plan(cfg, topology, mode, seq_len, global_batch, largest_buffers=0,
                                       prefill_chunk=prefill_chunk, num_draft=num_draft)
                 tried.append(result)
                 compiled_here += 1

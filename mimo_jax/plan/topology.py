@@ -11,7 +11,8 @@ GIB = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class ChipSpec:
-    """Published per-chip figures (bf16 dense peak, HBM capacity and bandwidth)."""
+    """Published per-chip figures (bf16 dense peak, HBM capacity and bandwidth, ICI bandwidth; the
+    v4 and v6e ICI figures are assumed from their generations' links, the others are Cloud TPU's)."""
 
     generation: str
     hbm_gib: float
@@ -20,13 +21,15 @@ class ChipSpec:
     cores_in_slice_name: int  # "v5p-256" counts TensorCores: 2 per chip
     torus_dims: int  # 3 for v4/v5p (3D torus), 2 for v5e/v6e
     max_chips: int  # the largest single slice
+    ici_gbps: float  # bidirectional inter-chip interconnect GB/s per chip, over all its links
+    ici_links: int  # ICI ports per chip
 
 
 CHIPS = {
-    "v4": ChipSpec("v4", 32, 275, 1200, 2, 3, 4096),
-    "v5p": ChipSpec("v5p", 95, 459, 2765, 2, 3, 8960),
-    "v5e": ChipSpec("v5e", 16, 197, 819, 1, 2, 256),
-    "v6e": ChipSpec("v6e", 32, 918, 1640, 1, 2, 256),
+    "v4": ChipSpec("v4", 32, 275, 1200, 2, 3, 4096, 600, 6),
+    "v5p": ChipSpec("v5p", 95, 459, 2765, 2, 3, 8960, 1200, 6),
+    "v5e": ChipSpec("v5e", 16, 197, 819, 1, 2, 256, 400, 4),
+    "v6e": ChipSpec("v6e", 32, 918, 1640, 1, 2, 256, 800, 4),
 }
 ALIASES = {"v5litepod": "v5e", "v6litepod": "v6e", "v5lite": "v5e"}
 
