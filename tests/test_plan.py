@@ -218,10 +218,12 @@ def test_inference_cli_errors(capsys):
 
 def test_search_finds_a_fitting_plan_within_its_compile_budget():
     out = io.StringIO()
-    # Two layers, one of each kind: the search logic does not depend on the depth.
+    # Two layers, one of each kind, and one expert: the search logic depends on neither the depth nor
+    # expert parallelism (whose dropless ragged all-to-all took 2.5x as long to compile for v5e).
     rc = plan.main(["--config", "configs/tiny.yaml", "--topology", "v5e:2x2", "--seq-len", "256", "--search",
                     "--max-compiles", "1", "model.num_layers=2", "model.layer_types=[global, swa]",
-                    "model.mlp_types=[dense, moe]", "mesh.fsdp=-1"], out=out)
+                    "model.mlp_types=[dense, moe]", "mesh.fsdp=-1", "model.num_experts=1",
+                    "model.num_experts_per_token=1"], out=out)
     text = out.getvalue()
     assert rc == 0, text
     assert "| mesh (data,fsdp,expert,tensor) |" in text and "best found:" in text
