@@ -4,13 +4,14 @@ compiled unrolled."""
 
 import collections
 import dataclasses
+import io
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from mimo_jax.config import load_config, release_layer_types, release_mlp_types
-from mimo_jax.plan import build_step, jaxpr_flops, parse_topology
+from mimo_jax.plan import PlanResult, build_step, hand_flops_per_token, jaxpr_flops, parse_topology, report
 from mimo_jax.plan.cost import estimate_cost, parse_collectives, probe_config, probe_layer_kinds
 from mimo_jax.sharding import make_mesh
 
@@ -96,6 +97,16 @@ def test_probe_costs_add_up_to_the_whole_model_compiled_unrolled():
         assert cost.collectives[key] == pytest.approx(value, rel=0.02), key
     assert cost.compute_seconds == pytest.approx(cost.flops / 459e12)
     assert cost.ici_seconds == pytest.approx(sum(cost.collectives.values()) / 200e9)
+
+    # The plan report prints the estimate and times the step by it.
+    result = PlanResult(mode="train", topology=topology.name, chips=8, devices=8, mesh=dict(mesh.shape), remat="none",
+                        capacity_factor=2.0, global_batch=batch, seq_len=seq, query_len=seq, hbm_bytes=1.0,
+                        traced_flops={"total": cost.flops * 8, "matmul": cost.flops * 8, "pallas": 0.0},
+                        hand=hand_flops_per_token(cfg.model, seq, "train"), cost=cost)
+    out = io.StringIO()
+    report(result, topology, out)
+    assert result.step_seconds == cost.overlapped_seconds and "cost model:" in out.getvalue()
+    assert f"{cost.serial_seconds:.4g} s with no collective hidden" in out.getvalue()
 
 
 def test_the_planned_step_follows_gradient_accumulation():

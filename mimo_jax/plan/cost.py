@@ -144,7 +144,8 @@ def parse_collectives(hlo_text: str, mesh_shape: dict[str, int]) -> list[Collect
                   for d, dims in _ARRAY.findall(m.group("type"))]
         size = float(sum(arrays))
         if kind == "collective-permute":
-            pairs = re.findall(r"\{(\d+),(\d+)\}", (_PAIRS.search(rest) or re.match("", "")).group(1) or "")
+            listed = _PAIRS.search(rest)
+            pairs = re.findall(r"\{(\d+),(\d+)\}", listed.group(1)) if listed else []
             moving = sum(1 for s, t in pairs if s != t)
             if m.group("start"):  # (operand, output, context scalars)
                 size = max(arrays)
