@@ -263,7 +263,7 @@ class MoE(nnx.Module):
         experts_spec = sharding.logical_spec(("experts", "embed", "mlp"), rules, mesh, w_gate.shape)
         ep, width = _axes(experts_spec, 0), _axes(experts_spec, 2)
         shards = math.prod(mesh.shape[a] for a in ep)
-        if cfg.num_experts % max(shards, 1) or not ep and mesh.shape["expert"] > 1:
+        if cfg.num_experts % shards or not ep and mesh.shape["expert"] > 1:
             raise ValueError(f"{cfg.num_experts} experts do not divide over the expert mesh axes "
                              f"{dict((a, mesh.shape[a]) for a in rules.experts)} (sharding.experts)")
         rows_spec = sharding.logical_spec(("batch", "seq"), rules, mesh, (b, t))
@@ -271,13 +271,13 @@ class MoE(nnx.Module):
         if set(seq) & set(width):
             seq = ()
         tokens_per_device = b * t // math.prod(mesh.shape[a] for a in batch + seq)
-        capacity = expert_capacity(tokens_per_device, cfg.num_experts_per_token, max(shards, 1), cfg.moe_capacity_factor)
+        capacity = expert_capacity(tokens_per_device, cfg.num_experts_per_token, shards, cfg.moe_capacity_factor)
 
         def body(x_btd, weights_btk, experts_btk, w_gate, w_up, w_down):
             k = weights_btk.shape[-1]
             y_ND = experts_expert_parallel(
                 x_btd.reshape(-1, d), weights_btk.reshape(-1, k), experts_btk.reshape(-1, k), w_gate, w_up, w_down,
-                num_experts=cfg.num_experts, shards=max(shards, 1), capacity=capacity,
+                num_experts=cfg.num_experts, shards=shards, capacity=capacity,
                 impl=cfg.resolved_moe_impl, interpret=cfg.pallas_interpret,
                 emulate_ragged=mesh.devices.flat[0].platform == "cpu", axis=ep or ("expert",), width_axis=width or None,
             )

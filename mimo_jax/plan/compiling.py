@@ -22,7 +22,7 @@ from mimo_jax import sharding
 from mimo_jax.config import ConfigError
 from mimo_jax.flops import hand_flops_per_token, jaxpr_flops
 from mimo_jax.kv_cache import CACHE_AXES, DEFAULT_PREFILL_CHUNK, init_cache
-from mimo_jax.plan.cost import CostEstimate, estimate_cost
+from mimo_jax.plan.cost import CostEstimate, estimate_cost, xla_cost
 from mimo_jax.plan.topology import GIB, PlanError, Topology, topology_devices
 from mimo_jax.sharding import logical_spec, make_mesh
 from mimo_jax.train_step import abstract_model_state, make_optimizer, sharded_train_step
@@ -291,9 +291,7 @@ def _read_compiled(result: PlanResult, compiled, topology: Topology) -> None:
     result.alias_bytes = mem.alias_size_in_bytes
     result.temp_bytes = mem.temp_size_in_bytes
     result.code_bytes = mem.generated_code_size_in_bytes
-    cost = compiled.cost_analysis() or {}
-    if isinstance(cost, list):  # older jax returned one dict per program
-        cost = cost[0]
+    cost = xla_cost(compiled)
     result.flops_per_device = float(cost.get("flops", float("nan")))
     result.bytes_accessed_per_device = float(cost.get("bytes accessed", float("nan")))
     xla = cost.get("optimal_seconds")

@@ -81,6 +81,12 @@ class CostEstimate:
         return max(self.compute_seconds, self.hbm_seconds) + self.ici_seconds
 
 
+def xla_cost(compiled) -> dict:
+    """`compiled.cost_analysis()` as one dict (older jax returned one dict per program)."""
+    cost = compiled.cost_analysis() or {}
+    return cost[0] if isinstance(cost, list) else cost
+
+
 def probe_layer_kinds(kinds: tuple) -> list[tuple[tuple, float]]:
     """[(layer kinds of a probe, its weight)]: the full stack costs sum(weight x probe)."""
     segments = plan_layers(kinds)
@@ -151,7 +157,7 @@ def parse_collectives(hlo_text: str, mesh_shape: dict[str, int]) -> list[Collect
                 size = max(arrays)
             if moving:
                 src = [int(s) for s, t in pairs if s != t]
-                found.append(Collective(kind, _group_axes(src, mesh_shape), 2, size * moving / max(len(pairs), 1)))
+                found.append(Collective(kind, _group_axes(src, mesh_shape), 2, size * moving / len(pairs)))
             continue
         group = _first_group(rest, devices) or list(range(devices))
         n = len(group)
@@ -190,8 +196,7 @@ def estimate_cost(cfg, topology: Topology, mesh, mode: str, batch: int, seq_len:
                                     num_draft)
         compiled = step.trace(*args).lower().compile()
         probes.append((len(probe_kinds), weight, time.perf_counter() - t0))
-        cost = compiled.cost_analysis() or {}
-        cost = cost[0] if isinstance(cost, list) else cost
+        cost = xla_cost(compiled)
         scale = weight * micro
         flops += scale * float(cost.get("flops", 0.0))
         hbm += scale * float(cost.get("bytes accessed", 0.0))
