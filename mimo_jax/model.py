@@ -120,10 +120,13 @@ class MTPHead(nnx.Module):
     def __call__(self, hidden_BTD, token_embeds_BTD, positions_BT, segment_ids_BT=None, cache=None, step=None):
         """(final_norm(z), updated cache or None)."""
         dt = hidden_BTD.dtype
+        token_embeds_BTD = sharding.constrain(token_embeds_BTD, ACTIVATION_AXES)
         eh_BT2D = jnp.concatenate([self.enorm(token_embeds_BTD), self.hnorm(hidden_BTD)], axis=-1)
-        z_BTD = eh_BT2D @ self.eh_proj[...].astype(dt)
+        # Without these the partitioner takes eh_proj's `embed` split for z and keeps every head's
+        # activations whole over the batch and sequence axes.
+        z_BTD = sharding.constrain(eh_BT2D @ self.eh_proj[...].astype(dt), ACTIVATION_AXES)
         z_BTD, _, cache = self.block(z_BTD, positions_BT, segment_ids_BT, cache, step)
-        return self.final_norm(z_BTD), cache
+        return sharding.constrain(self.final_norm(z_BTD), ACTIVATION_AXES), cache
 
 
 def positions_from_segments(segment_ids_BT):
@@ -151,7 +154,7 @@ class MiMoV2Flash(nnx.Module):
         self.mtp = MTPHead(cfg, stack=(cfg.num_mtp_heads,), rngs=rngs) if cfg.num_mtp_heads else None
 
     def embed_tokens(self, ids):
-        return jnp.take(self.embed[...], ids, axis=0).astype(self.config.dtype)
+        return sharding.take_rows(self.embed[...], ids, self.config.dtype)
 
     def logits(self, hidden):
         logits = jnp.einsum("...d,dv->...v", hidden, self.lm_head[...].astype(hidden.dtype), preferred_element_type=jnp.float32)

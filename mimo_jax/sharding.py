@@ -21,6 +21,7 @@ import math
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -30,7 +31,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from mimo_jax.config import MESH_AXES, MeshConfig, ShardingRules
 
 __all__ = ["MESH_AXES", "MeshConfig", "ShardingRules", "activate", "constrain", "logical_spec", "make_mesh",
-           "shard_model", "state_shardings"]
+           "shard_model", "state_shardings", "take_rows"]
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices: Sequence | None = None) -> Mesh:
@@ -136,3 +137,39 @@ def optimizer_shardings(tx, opt_state, param_shardings, mesh: Mesh):
     return optax.tree_map_params(tx, lambda _, s: s, opt_state, param_shardings,
                                  transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()),
                                  is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def _axes_of(spec_entry) -> tuple[str, ...]:
+    return () if spec_entry is None else (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)
+
+
+def take_rows(table_VD, ids, dtype):
+    """table[ids] ([*ids.shape, D]) in `dtype` for an embedding table: a vocabulary-parallel lookup
+    where that pays, when `ids` outnumber the table's rows (a training batch) and the table splits
+    over the `vocab` rule's axes (the ids then split over `batch` without those axes).
+
+    Then each device gathers its vocabulary shard over `embed` (FSDP), looks up the ids that fall in
+    it (zero elsewhere) for its own batch rows and sums over the vocabulary axes; the table's
+    gradient is a scatter-add into that shard. Left to XLA, the lookup keeps the table's `embed`
+    split and runs every token of the global batch on every device ([tokens, D / fsdp] per
+    device), and the gradient of the table comes out whole. A decode step's few ids, or no mesh:
+    a plain `jnp.take` (gathering the table would cost more than the lookup)."""
+    ctx = _ACTIVE.get()
+    table_spec = None if ctx is None else logical_spec(("vocab", None), ctx[1], ctx[0], table_VD.shape)
+    if not table_spec or ids.size < table_VD.shape[0]:
+        return jnp.take(table_VD, ids, axis=0).astype(dtype)
+    mesh, rules = ctx
+    vocab_axes = _axes_of(table_spec[0])
+    batch_rules = dataclasses.replace(rules, batch=tuple(a for a in rules.batch if a not in vocab_axes))
+    ids_spec = logical_spec(("batch",) + (None,) * (ids.ndim - 1), batch_rules, mesh, ids.shape)
+    table_VD = jax.lax.with_sharding_constraint(table_VD.astype(dtype), NamedSharding(mesh, table_spec))
+
+    def lookup(shard_vD, ids_local):
+        rows = shard_vD.shape[0]
+        local = ids_local - jax.lax.axis_index(vocab_axes) * rows
+        hit = (local >= 0) & (local < rows)
+        found = jnp.take(shard_vD, jnp.where(hit, local, 0), axis=0)
+        return jax.lax.psum(jnp.where(hit[..., None], found, 0), vocab_axes)
+
+    out_spec = PartitionSpec(*(tuple(ids_spec) + (None,) * (ids.ndim + 1 - len(ids_spec))))
+    return jax.shard_map(lookup, mesh=mesh, in_specs=(table_spec, ids_spec), out_specs=out_spec)(table_VD, ids)

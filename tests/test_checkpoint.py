@@ -39,16 +39,8 @@ def test_a_directory_with_both_layouts_loads_as_the_workdir_everywhere(tmp_path,
         initial_model(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=str(tmp_path / "empty"))))
 
 
-# About 1.2B parameters in 4 layers: few layers keep the compile short.
-ONE_BILLION = ["model.vocab_size=32768", "model.hidden_size=2048", "model.num_layers=4",
-               "model.layer_types=[global, swa, swa, global]", "model.mlp_types=[dense, moe, moe, moe]",
-               "model.num_attention_heads=16", "model.qk_head_dim=128", "model.v_head_dim=128",
-               "model.intermediate_size=8192", "model.moe_intermediate_size=1024", "model.num_experts=64",
-               "model.num_experts_per_token=4", "model.num_mtp_heads=1"]
-
-
 def test_initialisation_creates_every_array_in_its_shards_on_8_devices():
-    cfg = load_config("tiny", ONE_BILLION)  # the default mesh: fsdp over all 8 devices
+    cfg = load_config("configs/cpu_1b.yaml")  # about 1.2B parameters; the default mesh: fsdp over all 8 devices
     graphdef, abstract_state, _, init = sharded_initializer(cfg, make_mesh(cfg.mesh))
     total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
     assert 1.0e9 < sum(x.size for x in jax.tree.leaves(abstract_state)) < 1.5e9

@@ -240,3 +240,27 @@ def test_expert_parallel_train_step_compiles_for_a_tpu_slice(setup):
                           place(rest, shardings["rest"]), batch, batch).compile()
     hlo = compiled.as_text()
     assert "ragged-all-to-all" in hlo and "tpu_custom_call" in hlo
+
+
+def test_mtp_heads_and_the_embedding_lookup_keep_the_batch_split():
+    """Sequence-parallel wide-EP layout (scaling.md's fp32 rows) on 8 CPU devices: no device holds
+    the MTP heads' activations of the whole batch and sequence, and the embedding lookup and its
+    gradient run on the table's vocabulary shard, not on the whole table (both did before the
+    constraints in MTPHead and sharding.take_rows: XLA took eh_proj's and the table's `embed` split)."""
+    import re
+
+    from mimo_jax.plan.compiling import build_step
+
+    b, t, vocab, width = 4, 80, 136, 88  # sizes no weight shares, so a shape names its array
+    cfg = load_config("tiny", [
+        f"train.batch_size={b}", f"train.seq_len={t}", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2",
+        "sharding.seq=[tensor]", "sharding.experts=[expert,tensor]", f"model.vocab_size={vocab}",
+        f"model.hidden_size={width}", "model.intermediate_size=56", "model.moe_intermediate_size=40",
+        "model.num_layers=3", "model.layer_types=[swa, swa, global]", "model.mlp_types=[dense, moe, moe]",
+        "model.qk_head_dim=24", "model.v_head_dim=16", "model.num_mtp_heads=3"])
+    step, args, _ = build_step(cfg, make_mesh(cfg.mesh), "train", b, t, t)
+    hlo = step.trace(*args).lower().compile().as_text()
+    assert not re.findall(rf"\w+\[3,{b},{t},\d+\]", hlo)  # [heads, whole batch, whole sequence, ...]
+    table_ops = [line for line in hlo.splitlines() if re.search(rf"= f32\[{vocab},{width}\]", line) and "_take" in line]
+    assert not table_ops, table_ops[:3]  # gathers / scatter-adds over the whole table
+    assert re.search(rf"f32\[{vocab // 2},{width}\]", hlo)  # the vocabulary shard, gathered over embed
