@@ -1,6 +1,8 @@
 """Meshes on 8 simulated CPU devices: the same loss, logits and gradients as one device, and
 parameters / optimizer state placed as the rules say."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ from jax.sharding import NamedSharding
 from mimo_jax import MiMoV2Flash, load_config, sharding
 from mimo_jax.config import ConfigError
 from mimo_jax.objective import lm_loss
+from mimo_jax.plan.compiling import build_step
 from mimo_jax.sharding import (
     MeshConfig,
     ShardingRules,
@@ -247,10 +250,6 @@ def test_mtp_heads_and_the_embedding_lookup_keep_the_batch_split():
     the MTP heads' activations of the whole batch and sequence, and the embedding lookup and its
     gradient run on the table's vocabulary shard, not on the whole table (both did before the
     constraints in MTPHead and sharding.take_rows: XLA took eh_proj's and the table's `embed` split)."""
-    import re
-
-    from mimo_jax.plan.compiling import build_step
-
     b, t, vocab, width = 4, 80, 136, 88  # sizes no weight shares, so a shape names its array
     cfg = load_config("tiny", [
         f"train.batch_size={b}", f"train.seq_len={t}", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2",
