@@ -24,14 +24,19 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(1, HERE)  # benchmarks/machine.py, also when this file is imported rather than run
+
+from machine import cpu_name  # noqa: E402
+
 CONFIG = "configs/cpu_1b.yaml"
 QUICK = ["model.hidden_size=256", "model.num_layers=2", "model.layer_types=[global, swa]",
          "model.mlp_types=[dense, moe]", "model.intermediate_size=512", "model.moe_intermediate_size=128",
@@ -133,17 +138,8 @@ def _rel_gap(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / abs(y) for x, y in zip(a, b))
 
 
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.machine())
-    except OSError:
-        return platform.machine()
-
-
 def table(rows, overrides, export_s, export_gib, fp8_bytes) -> str:
-    sys.path.insert(0, ROOT)
-    from mimo_jax.config import load_config
+    from mimo_jax.config import load_config  # here, not at the top: the runs are subprocesses, --help needs no jax
     from mimo_jax.params import count_params
 
     cfg = load_config(CONFIG, overrides)
@@ -164,7 +160,7 @@ def table(rows, overrides, export_s, export_gib, fp8_bytes) -> str:
         "at the config's seed "
         "written by `save_hf(..., \"fp8\")` "
         f"({fp8_bytes / 2**30:.2f} GiB on disk, {export_s:.0f} s, peak {export_gib:.1f} GiB host memory).", "",
-        f"- machine: {_cpu()}, {os.cpu_count()} cores; "
+        f"- machine: {cpu_name()}, {os.cpu_count()} cores; "
         f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         "", "Made with (CI runs its `--help`):", "",
         "<!-- doc-test: reduced python benchmarks/sharded_start.py --help -->",

@@ -44,6 +44,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
+from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
 
 from mimo_jax.attention import attention  # noqa: E402
 from mimo_jax.config import ModelConfig, TrainConfig, load_config, release_layer_types, release_mlp_types  # noqa: E402
@@ -140,12 +141,7 @@ def random_ids(batch: int, seq: int, vocab: int, seed: int = 0):
 
 
 def machine_lines(torch_threads: int | None) -> list[str]:
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_name()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     # Other processes' load skews every figure (torch's threads suffer most): say how busy it was.
     load = "load average {:.1f} {:.1f} {:.1f} at the start".format(*os.getloadavg())

@@ -261,13 +261,13 @@ class MoE(nnx.Module):
         cfg = self.cfg
         b, t, d = x_BTD.shape
         experts_spec = sharding.logical_spec(("experts", "embed", "mlp"), rules, mesh, w_gate.shape)
-        ep, width = _axes(experts_spec, 0), _axes(experts_spec, 2)
+        ep, width = sharding.spec_axes(experts_spec, 0), sharding.spec_axes(experts_spec, 2)
         shards = math.prod(mesh.shape[a] for a in ep)
         if cfg.num_experts % shards or not ep and mesh.shape["expert"] > 1:
             raise ValueError(f"{cfg.num_experts} experts do not divide over the expert mesh axes "
                              f"{dict((a, mesh.shape[a]) for a in rules.experts)} (sharding.experts)")
         rows_spec = sharding.logical_spec(("batch", "seq"), rules, mesh, (b, t))
-        batch, seq = _axes(rows_spec, 0), _axes(rows_spec, 1)
+        batch, seq = sharding.spec_axes(rows_spec, 0), sharding.spec_axes(rows_spec, 1)
         if set(seq) & set(width):
             seq = ()
         tokens_per_device = b * t // math.prod(mesh.shape[a] for a in batch + seq)
@@ -291,9 +291,3 @@ class MoE(nnx.Module):
                       P(ep_spec, width_spec, None)),
             out_specs=rows,
         )(x_BTD, weights_BTk, experts_BTk, w_gate, w_up, w_down)
-
-
-def _axes(spec, dim: int) -> tuple[str, ...]:
-    """The mesh axes dimension `dim` of a PartitionSpec is split over (possibly none)."""
-    entry = spec[dim] if dim < len(spec) else None
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)

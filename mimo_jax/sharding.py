@@ -31,7 +31,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from mimo_jax.config import MESH_AXES, MeshConfig, ShardingRules
 
 __all__ = ["MESH_AXES", "MeshConfig", "ShardingRules", "activate", "constrain", "logical_spec", "make_mesh",
-           "shard_model", "state_shardings", "take_rows"]
+           "shard_model", "spec_axes", "state_shardings", "take_rows"]
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices: Sequence | None = None) -> Mesh:
@@ -76,6 +76,12 @@ def logical_spec(logical_axes: Sequence[str | None], rules: ShardingRules, mesh:
     while entries and entries[-1] is None:
         entries.pop()
     return PartitionSpec(*entries)
+
+
+def spec_axes(spec: PartitionSpec, dim: int) -> tuple[str, ...]:
+    """The mesh axes dimension `dim` of a PartitionSpec is split over (possibly none)."""
+    entry = spec[dim] if dim < len(spec) else None
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def _is_variable(x) -> bool:
@@ -139,10 +145,6 @@ def optimizer_shardings(tx, opt_state, param_shardings, mesh: Mesh):
                                  is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
-def _axes_of(spec_entry) -> tuple[str, ...]:
-    return () if spec_entry is None else (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)
-
-
 def take_rows(table_VD, ids, dtype):
     """table[ids] ([*ids.shape, D]) in `dtype` for an embedding table: a vocabulary-parallel lookup
     where that pays, when `ids` outnumber the table's rows (a training batch) and the table splits
@@ -159,7 +161,7 @@ def take_rows(table_VD, ids, dtype):
     if not table_spec or ids.size < table_VD.shape[0]:
         return jnp.take(table_VD, ids, axis=0).astype(dtype)
     mesh, rules = ctx
-    vocab_axes = _axes_of(table_spec[0])
+    vocab_axes = spec_axes(table_spec, 0)
     batch_rules = dataclasses.replace(rules, batch=tuple(a for a in rules.batch if a not in vocab_axes))
     ids_spec = logical_spec(("batch",) + (None,) * (ids.ndim - 1), batch_rules, mesh, ids.shape)
     table_VD = jax.lax.with_sharding_constraint(table_VD.astype(dtype), NamedSharding(mesh, table_spec))
