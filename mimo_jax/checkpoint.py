@@ -43,13 +43,16 @@ def model_source(path: str) -> str:
                             "directory (config.json)")
 
 
-def load_model(path: str, dtype=None) -> MiMoV2Flash:
+def load_model(path: str, dtype=None, weights: str | None = None) -> MiMoV2Flash:
     """The model in a directory: a train.py workdir's latest checkpoint, in the run's own dtypes, or
-    a Hugging Face checkpoint loaded in `dtype` (default bfloat16). `dtype` does not apply to a
-    workdir."""
+    a Hugging Face checkpoint loaded in `dtype` (default bfloat16), with `weights="fp8"` keeping an
+    FP8 checkpoint's quantised weights resident (`load_hf`). Neither applies to a workdir."""
     if model_source(path) == WORKDIR:
+        if weights is not None:
+            raise ValueError(f"{path}: weights={weights!r} needs a Hugging Face FP8 checkpoint; this is a train.py "
+                             "workdir (export it with save_hf(..., 'fp8') first)")
         return load_checkpoint(path)
-    return load_hf(path, jnp.dtype(dtype or jnp.bfloat16))
+    return load_hf(path, jnp.dtype(dtype or jnp.bfloat16), weights=weights)
 
 
 def load_checkpoint(workdir: str, step: int | None = None, model_cfg: ModelConfig | None = None,

@@ -1,5 +1,8 @@
 """FP8 e4m3 weights with 128x128 block scales (`W = fp8 * scale_inv`, DeepSeek-V3 style).
 
+Dequantising goes row by row: `row_scales` / `fused_kv_row_scales` give each row the scales of
+its blocks and `dequantize_rows` applies them (FP8-resident weights keep that per-row form).
+
 The release quantised each attention-TP shard of the fused [Q | K | V] projection. For q and the
 sliding-window layers' k/v that equals uniform blocks, but a global layer has one kv head per shard:
 its rows run [K_h (192) | V_h (128)], so the 128-row block that starts at K_h row 128 carries on into
@@ -23,13 +26,20 @@ def _blocks(n: int) -> int:
     return math.ceil(n / BLOCK)
 
 
-def dequantize(q: np.ndarray, scale_inv: np.ndarray) -> np.ndarray:
-    """Uniform 128x128 blocks; edge blocks may be partial."""
-    rows, cols = q.shape
+def row_scales(scale_inv: np.ndarray, rows: int) -> np.ndarray:
+    """Each row's block scales, [rows, column blocks], of a uniform 128x128 grid."""
+    return np.repeat(scale_inv.astype(np.float32), BLOCK, 0)[:rows]
+
+
+def dequantize_rows(q: np.ndarray, scales_RC: np.ndarray) -> np.ndarray:
+    """`q` [rows, cols] times its per-row block scales [rows, column blocks]."""
+    return q.astype(np.float32) * np.repeat(scales_RC, BLOCK, 1)[:, : q.shape[1]]
+
+
+def check_grid(shape: tuple[int, int], scale_inv: np.ndarray) -> None:
+    rows, cols = shape
     if scale_inv.shape != (_blocks(rows), _blocks(cols)):
-        raise ValueError(f"scale shape {scale_inv.shape} does not tile a {q.shape} weight in {BLOCK}x{BLOCK} blocks")
-    full = np.repeat(np.repeat(scale_inv.astype(np.float32), BLOCK, 0), BLOCK, 1)[:rows, :cols]
-    return q.astype(np.float32) * full
+        raise ValueError(f"scale shape {scale_inv.shape} does not tile a {tuple(shape)} weight in {BLOCK}x{BLOCK} blocks")
 
 
 def quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -61,22 +71,20 @@ def kv_shards(k_rows: int, v_rows: int, num_kv: int, k_dim: int, v_dim: int) -> 
     )
 
 
-def dequantize_fused_kv(k_q, k_scale, v_q, v_scale, shards: int):
-    """Dequantises k and v whose blocks run over each shard's concatenated [K_s | V_s] rows."""
-    k_shard, v_shard = k_q.shape[0] // shards, v_q.shape[0] // shards
+def fused_kv_row_scales(k_scale, v_scale, k_rows: int, v_rows: int, shards: int):
+    """(k, v) per-row block scales when the blocks run over each shard's concatenated [K_s | V_s] rows."""
+    k_shard, v_shard = k_rows // shards, v_rows // shards
     kb, vb = k_scale.shape[0] // shards, v_scale.shape[0] // shards
     ks, vs = [], []
     for s in range(shards):
-        fused = np.concatenate([k_q[s * k_shard : (s + 1) * k_shard], v_q[s * v_shard : (s + 1) * v_shard]])
-        scales = np.concatenate([k_scale[s * kb : (s + 1) * kb], v_scale[s * vb : (s + 1) * vb]])
-        w = dequantize(fused, scales)
-        ks.append(w[:k_shard])
-        vs.append(w[k_shard:])
+        fused = row_scales(np.concatenate([k_scale[s * kb : (s + 1) * kb], v_scale[s * vb : (s + 1) * vb]]), k_shard + v_shard)
+        ks.append(fused[:k_shard])
+        vs.append(fused[k_shard:])
     return np.concatenate(ks), np.concatenate(vs)
 
 
 def quantize_fused_kv(k: np.ndarray, v: np.ndarray, shards: int):
-    """Inverse of `dequantize_fused_kv`: returns (k_q, k_scale, v_q, v_scale)."""
+    """k and v quantised in blocks over each shard's [K_s | V_s] rows: (k_q, k_scale, v_q, v_scale)."""
     k_shard, v_shard = k.shape[0] // shards, v.shape[0] // shards
     kb = _blocks(k_shard)
     parts = []

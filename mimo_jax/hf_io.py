@@ -27,6 +27,7 @@ from flax import nnx
 
 from mimo_jax import fp8
 from mimo_jax.config import GLOBAL, SWA, ConfigError, ModelConfig, model_config_from_hf, model_config_to_hf
+from mimo_jax.fp8_resident import Fp8Weight, scale_shape
 from mimo_jax.model import MiMoV2Flash, abstract_model
 from mimo_jax.safetensors_io import CheckpointError, CheckpointReader, write_safetensors
 
@@ -119,6 +120,11 @@ class _Leaf:
     def to_ours(self, hf_array: np.ndarray) -> np.ndarray:
         return hf_array if self.spec.n_in is None else hf_array.T.reshape(self.tensor_shape)
 
+    def scales_to_ours(self, scales_RC: np.ndarray) -> np.ndarray:
+        """Per-row block scales [out rows, in blocks] of a Linear weight in our layout, the input axis
+        in blocks: [in blocks, out dims...] (`Fp8Weight.scale`)."""
+        return scales_RC.T.reshape((scales_RC.shape[1],) + tuple(self.tensor_shape[self.spec.n_in:]))
+
     def source(self, prefix: str, reader: CheckpointReader) -> str:
         """The stored name of a non-expert tensor: the hub's, else transformers' alternative."""
         name = prefix + self.spec.name
@@ -180,12 +186,22 @@ class _HFTensors:
         return f"tensor {name} in {self.reader.file_of(name)}" if name in self.reader else f"tensor {name}"
 
     def read(self, name: str) -> np.ndarray:
+        """The tensor in float32 if it is FP8 (dequantised), else as stored."""
+        if name + SCALE_SUFFIX not in self.reader:
+            array = self.reader.read(name)
+            if array.dtype == fp8.FP8:
+                raise CheckpointError(f"{self.describe(name)} is FP8 but has no {name + SCALE_SUFFIX}")
+            return array
+        return fp8.dequantize_rows(*self.read_blocks(name))
+
+    def read_blocks(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """An FP8 tensor's e4m3 values [rows, cols] and each row's block scales [rows, column blocks]
+        (global-layer k/v: from their fused per-shard [K | V] grid)."""
         array = self.reader.read(name)
         scale_name = name + SCALE_SUFFIX
-        if scale_name not in self.reader:
-            if array.dtype == fp8.FP8:
-                raise CheckpointError(f"{self.describe(name)} is FP8 but has no {scale_name}")
-            return array
+        if array.dtype != fp8.FP8 or scale_name not in self.reader:
+            raise CheckpointError(f"{self.describe(name)} is {array.dtype}, not FP8 with a {scale_name}: FP8-resident "
+                                  "weights need the FP8 checkpoint (or load it dequantised, weights=None)")
         scale = self.reader.read(scale_name)
         kv = _KV_PROJ.fullmatch(name)
         try:
@@ -193,19 +209,25 @@ class _HFTensors:
                 prefix, which = kv.groups()
                 k_name, v_name = prefix + "k_proj.weight", prefix + "v_proj.weight"
                 k_scale, v_scale = self.reader.read(k_name + SCALE_SUFFIX), self.reader.read(v_name + SCALE_SUFFIX)
-                num_kv = self.reader.shape(k_name)[0] // self.cfg.qk_head_dim
+                k_rows, v_rows = self.reader.shape(k_name)[0], self.reader.shape(v_name)[0]
+                num_kv = k_rows // self.cfg.qk_head_dim
                 shards = fp8.kv_shards(k_scale.shape[0], v_scale.shape[0], num_kv, self.cfg.qk_head_dim, self.cfg.v_head_dim)
                 if shards is not None:
-                    k, v = fp8.dequantize_fused_kv(self.reader.read(k_name), k_scale, self.reader.read(v_name), v_scale, shards)
-                    return k if which == "k" else v
-            return fp8.dequantize(array, scale)
+                    k, v = fp8.fused_kv_row_scales(k_scale, v_scale, k_rows, v_rows, shards)
+                    return array, (k if which == "k" else v)
+            fp8.check_grid(array.shape, scale)
+            return array, fp8.row_scales(scale, array.shape[0])
         except ValueError as e:
             raise CheckpointError(f"{self.describe(name)}: {e}") from None
 
-    def expert(self, leaf: _Leaf, prefix: str, e: int) -> np.ndarray:
+    def expert(self, leaf: _Leaf, prefix: str, e: int, blocks: bool = False):
+        """Expert e's tensor: `read`, or with `blocks` `read_blocks` (the hub's per-expert names only)."""
         name = prefix + leaf.spec.name.format(e=e)
         if name in self.reader:
-            return self.read(name)
+            return self.read_blocks(name) if blocks else self.read(name)
+        if blocks:
+            raise CheckpointError(f"{self.describe(prefix + leaf.spec.alt)}: FP8-resident experts are read from "
+                                  f"per-expert tensors ({name}), the release's layout")
         fused = self.read(prefix + leaf.spec.alt)[e]
         if leaf.spec.alt_part is None:
             return fused
@@ -246,13 +268,21 @@ def _progress(enabled: bool, total: int):
 
 
 def load_hf(path: str, dtype=jnp.bfloat16, *, sharding: Callable | None = None, progress: bool | None = None,
-            **config_overrides) -> MiMoV2Flash:
+            weights: str | None = None, **config_overrides) -> MiMoV2Flash:
     """Loads a MiMo-V2-Flash HF checkpoint directory into a model whose params and activations use `dtype`.
 
     Router weights, the correction bias and sinks stay fp32. `sharding(path, shape, logical_axes)`
     may return a `jax.sharding.Sharding` per parameter (default: the first device). `config_overrides`
     replace ModelConfig fields (e.g. `moe_impl="dense"`). Progress goes to stderr for big checkpoints.
+
+    `weights="fp8"` keeps an FP8 checkpoint's quantised weights (attention q/k/v, dense FFN, experts;
+    main model and MTP heads) as its e4m3 values and block scales (`fp8_resident.Fp8Weight`), about
+    half the bytes of bf16, dequantised inside each matmul; for inference (generate, serve.py), not
+    training. The default dequantises every weight into `dtype` on loading.
     """
+    if weights not in (None, "fp8"):
+        raise ValueError(f"load_hf: weights={weights!r}; expected None (dequantise into dtype) or 'fp8'")
+    fp8_resident = weights == "fp8"
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise CheckpointError(f"{path}: no config.json")
@@ -301,36 +331,61 @@ def load_hf(path: str, dtype=jnp.bfloat16, *, sharding: Callable | None = None, 
     arrays = {}
     for i, leaf in enumerate(leaves, 1):
         report(i, f"{'.'.join(map(str, leaf.path))} {list(leaf.shape)}")
-        arrays[leaf.path] = _load_leaf(leaf, tensors, sharding)
+        arrays[leaf.path] = _load_leaf(leaf, tensors, sharding, fp8_resident)
     new_flat = [(p, v.replace(arrays[p])) for p, v in flat_state]
     return nnx.merge(graphdef, nnx.from_flat_state(new_flat))
 
 
-def _load_leaf(leaf: _Leaf, tensors: _HFTensors, sharding: Callable | None):
-    target = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if sharding is None else sharding(leaf.path, leaf.shape, leaf.logical_axes)
+def _load_leaf(leaf: _Leaf, tensors: _HFTensors, sharding: Callable | None, fp8_resident: bool):
+    """The parameter as a (sharded) array, or as an `Fp8Weight` of its e4m3 values and per-row
+    block scales when `fp8_resident` and the parameter is one the release quantises."""
+    if not (fp8_resident and leaf.spec.quantizable):
+        return _assemble(leaf, leaf.shape, leaf.dtype, sharding,
+                         lambda prefix, index: _read_entry(leaf, tensors, prefix, index))
+    in_axis = -len(leaf.tensor_shape)
+
+    def values(prefix, index):
+        return _read_entry(leaf, tensors, prefix, index, part=lambda blocks: leaf.to_ours(blocks[0]))
+
+    def scales(prefix, index):
+        return _read_entry(leaf, tensors, prefix, index, part=lambda blocks: leaf.scales_to_ours(blocks[1]))
+
+    return Fp8Weight(_assemble(leaf, leaf.shape, fp8.FP8, sharding, values),
+                     _assemble(leaf, scale_shape(leaf.shape, in_axis), np.dtype(np.float32), sharding, scales), in_axis)
+
+
+def _assemble(leaf: _Leaf, shape: tuple[int, ...], dtype, sharding: Callable | None, read_entry: Callable):
+    """A global array of `shape` placed by `sharding`, each shard filled stack entry by stack entry
+    from `read_entry(hf_prefix, index into the entry)`."""
+    target = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if sharding is None else sharding(leaf.path, shape, leaf.logical_axes)
     n_stack = len(leaf.stack)
 
     def callback(index: tuple[slice, ...]) -> np.ndarray:
-        index = tuple(index) + (slice(None),) * (len(leaf.shape) - len(index))
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
         stack_ranges = [range(*s.indices(n)) for s, n in zip(index[:n_stack], leaf.stack)]
         base_index = index[n_stack:]
-        out_shape = [len(r) for r in stack_ranges] + [len(range(*s.indices(n))) for s, n in zip(base_index, leaf.base_shape)]
-        out = np.empty(out_shape, leaf.dtype)
+        out_shape = [len(r) for r in stack_ranges] + [len(range(*s.indices(n))) for s, n in zip(base_index, shape[n_stack:])]
+        out = np.empty(out_shape, dtype)
         for pos in np.ndindex(*[len(r) for r in stack_ranges]):
             stack_idx = tuple(r[p] for r, p in zip(stack_ranges, pos))
-            out[pos] = _read_entry(leaf, tensors, leaf.prefix(stack_idx), base_index)
+            out[pos] = read_entry(leaf.prefix(stack_idx), base_index)
         return out
 
-    return jax.make_array_from_callback(leaf.shape, target, callback)
+    return jax.make_array_from_callback(shape, target, callback)
 
 
-def _read_entry(leaf: _Leaf, tensors: _HFTensors, prefix: str, base_index: tuple[slice, ...]) -> np.ndarray:
+def _read_entry(leaf: _Leaf, tensors: _HFTensors, prefix: str, base_index: tuple[slice, ...], part: Callable | None = None):
+    """One stack entry of the parameter (indexed by `base_index`): the HF tensor (each expert's,
+    stacked) in our layout and dtype; with `part`, what `part` makes of its `read_blocks`."""
+    blocks = part is not None
+    ours = part if blocks else lambda tensor: leaf.to_ours(np.asarray(tensor))
     if leaf.spec.per_expert:
         experts = range(*base_index[0].indices(leaf.base_shape[0]))
-        stacked = np.stack([leaf.to_ours(np.asarray(tensors.expert(leaf, prefix, e)))[base_index[1:]] for e in experts])
-        return stacked.astype(leaf.dtype)
-    name = leaf.source(prefix, tensors.reader)
-    return leaf.to_ours(np.asarray(tensors.read(name)))[base_index].astype(leaf.dtype)
+        entry = np.stack([ours(tensors.expert(leaf, prefix, e, blocks))[base_index[1:]] for e in experts])
+    else:
+        name = leaf.source(prefix, tensors.reader)
+        entry = ours(tensors.read_blocks(name) if blocks else tensors.read(name))[base_index]
+    return entry if blocks else entry.astype(leaf.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,6 +422,10 @@ def save_hf(model: MiMoV2Flash, path: str, dtype=None, *, max_shard_bytes: int =
     plain = np.dtype(ml_dtypes.bfloat16) if quantized else cast
     _, state = nnx.split(model)
     values = dict(nnx.to_flat_state(state))
+    resident = [".".join(map(str, p)) for p, v in values.items() if isinstance(v.get_value(), Fp8Weight)]
+    if resident:
+        raise ValueError(f"save_hf: {resident[0]} (and {len(resident) - 1} more) hold FP8-resident weights; "
+                         "save a model loaded without weights='fp8' (its FP8 checkpoint is already that layout)")
 
     # Entries are written in order, so the experts of one layer share one host copy of its slice.
     @functools.lru_cache(maxsize=1)

@@ -14,6 +14,7 @@ from flax import nnx
 from mimo_jax import attention as attention_ops
 from mimo_jax import kv_cache
 from mimo_jax.config import ModelConfig
+from mimo_jax.fp8_resident import weight
 
 LAYERS = "layers"
 
@@ -74,8 +75,8 @@ class DenseMLP(nnx.Module):
 
     def __call__(self, x_BTD):
         dt = x_BTD.dtype
-        h = jax.nn.silu(x_BTD @ self.gate[...].astype(dt)) * (x_BTD @ self.up[...].astype(dt))
-        return h @ self.down[...].astype(dt)
+        h = jax.nn.silu(x_BTD @ weight(self.gate, dt)) * (x_BTD @ weight(self.up, dt))
+        return h @ weight(self.down, dt)
 
 
 class Attention(nnx.Module):
@@ -101,9 +102,9 @@ class Attention(nnx.Module):
     def __call__(self, x_BTD, positions_BT, segment_ids_BT=None, cache=None, step=None):
         """Output [B, T, D]; with a `kv_cache.LayerKV` cache (and its `CacheStep`), (output, cache)."""
         dt = x_BTD.dtype
-        q_BTHD = jnp.einsum("btd,dhk->bthk", x_BTD, self.q[...].astype(dt))
-        k_BTKD = jnp.einsum("btd,dhk->bthk", x_BTD, self.k[...].astype(dt))
-        v_BTKV = jnp.einsum("btd,dhk->bthk", x_BTD, self.v[...].astype(dt)) * jnp.asarray(self.value_scale, dt)
+        q_BTHD = jnp.einsum("btd,dhk->bthk", x_BTD, weight(self.q, dt))
+        k_BTKD = jnp.einsum("btd,dhk->bthk", x_BTD, weight(self.k, dt))
+        v_BTKV = jnp.einsum("btd,dhk->bthk", x_BTD, weight(self.v, dt)) * jnp.asarray(self.value_scale, dt)
         q_BTHD = apply_rope(q_BTHD, positions_BT, self.theta, self.rotary_dim)
         k_BTKD = apply_rope(k_BTKD, positions_BT, self.theta, self.rotary_dim)
         impl, kv_positions = self.impl, positions_BT
@@ -120,5 +121,5 @@ class Attention(nnx.Module):
             window=self.window, q_positions=positions_BT, kv_positions=kv_positions,
             segment_ids=segment_ids_BT, impl=impl, interpret=self.interpret,
         )
-        out_BTD = jnp.einsum("bthv,hvd->btd", out_BTHV, self.o[...].astype(dt))
+        out_BTD = jnp.einsum("bthv,hvd->btd", out_BTHV, weight(self.o, dt))
         return out_BTD if cache is None else (out_BTD, cache)

@@ -26,6 +26,7 @@ from kernels_pallas.gmm_reference import gmm_reference
 from mimo_jax import sharding
 from mimo_jax.blocked_gmm import blocked_gmm
 from mimo_jax.config import ModelConfig
+from mimo_jax.fp8_resident import weight
 from mimo_jax.layers import RouterBias, make_param
 
 
@@ -236,7 +237,7 @@ class MoE(nnx.Module):
         the router-bias update."""
         dt = x_BTD.dtype
         b, t, d = x_BTD.shape
-        w = (self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt))
+        w = (weight(self.w_gate, dt), weight(self.w_up, dt), weight(self.w_down, dt))
         weights_BTk, experts_BTk, scores_BTE = route(x_BTD.reshape(b * t, d), self.router[...], self.bias[...], self.cfg)
         weights_BTk, experts_BTk = weights_BTk.reshape(b, t, -1), experts_BTk.reshape(b, t, -1)
         stats = router_stats(scores_BTE.reshape(b, t, -1), experts_BTk, self.cfg.num_experts, segment_ids_BT)

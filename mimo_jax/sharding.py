@@ -29,6 +29,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from mimo_jax.config import MESH_AXES, MeshConfig, ShardingRules
+from mimo_jax.fp8_resident import Fp8Weight
 
 __all__ = ["MESH_AXES", "MeshConfig", "ShardingRules", "activate", "constrain", "logical_spec", "make_mesh",
            "shard_model", "spec_axes", "state_shardings", "take_rows"]
@@ -92,10 +93,14 @@ def state_shardings(state, mesh: Mesh, rules: ShardingRules):
     """NamedShardings for an nnx State (or abstract state) from each variable's `logical_axes`."""
     def sharding(var):
         axes = var.get_metadata().get("logical_axes")
-        shape = var.get_value().shape
-        if axes is None:
-            axes = (None,) * len(shape)
-        return var.replace(NamedSharding(mesh, logical_spec(axes, rules, mesh, shape)))
+        value = var.get_value()
+
+        def named(shape):
+            return NamedSharding(mesh, logical_spec((None,) * len(shape) if axes is None else axes, rules, mesh, shape))
+
+        if isinstance(value, Fp8Weight):  # its block scales share the weight's axes
+            return var.replace(dataclasses.replace(value, values=named(value.values.shape), scale=named(value.scale.shape)))
+        return var.replace(named(value.shape))
 
     return jax.tree.map(sharding, state, is_leaf=_is_variable)
 

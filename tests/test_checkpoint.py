@@ -40,13 +40,15 @@ def test_a_directory_with_both_layouts_loads_as_the_workdir_everywhere(tmp_path,
 
 
 def test_initialisation_creates_every_array_in_its_shards_on_8_devices():
-    cfg = load_config("configs/cpu_1b.yaml")  # about 1.2B parameters; the default mesh: fsdp over all 8 devices
+    cfg = load_config("configs/cpu_1b.yaml")  # about 1.0B parameters; the default mesh: fsdp over all 8 devices
     graphdef, abstract_state, _, init = sharded_initializer(cfg, make_mesh(cfg.mesh))
     total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
-    assert 1.0e9 < sum(x.size for x in jax.tree.leaves(abstract_state)) < 1.5e9
+    assert 1.0e9 < sum(x.size for x in jax.tree.leaves(abstract_state)) < 1.1e9
     memory = init.lower().compile().memory_analysis()  # per device: the partitioned program
     # Each device's outputs are its 1/8 share. The temporaries are the random-number generation of
-    # its own shards: about twice the share on XLA:CPU (the bits, the uniform and the normal of a
-    # shard before its scaling), where an unsharded init holds the whole model on one device.
+    # the shard being sampled (its bits and its normal before the scaling: about half a share, the
+    # largest parameter's), where an unsharded init holds the whole model on one device. With
+    # XLA:CPU's concurrency-optimised scheduler (conftest.py turns it off) every shard's
+    # temporaries are live at once: 1.5 shares.
     assert memory.output_size_in_bytes == pytest.approx(total / 8, rel=0.01)
-    assert memory.output_size_in_bytes + memory.temp_size_in_bytes < 3.5 * total / 8, (memory, total)
+    assert memory.output_size_in_bytes + memory.temp_size_in_bytes < 1.6 * total / 8, (memory, total)

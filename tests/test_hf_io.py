@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from mimo_jax import CheckpointError, ConfigError, MiMoV2Flash, load_config, load_hf, save_hf
-from mimo_jax.safetensors_io import SafetensorsFile, write_safetensors
+from mimo_jax.safetensors_io import CheckpointReader, SafetensorsFile, write_safetensors
 from tests.conftest import GOLDEN_DIR
 
 FIXTURES = ["hybrid_a", "pattern_b", "fused_c", "fp8_d"]
@@ -106,6 +106,48 @@ def test_fp8_export_reloads_close_and_requantises_identically(tmp_path, small_ov
     for key in first.keys():
         np.testing.assert_array_equal(np.asarray(first.read(key)).view(np.uint8),
                                       np.asarray(second.read(key)).view(np.uint8), err_msg=key)
+
+
+def test_fp8_resident_weights_give_the_dequantised_model(tmp_path, small_overrides):
+    """load_hf(weights="fp8") keeps the checkpoint's e4m3 bytes as the weights: the logits of the
+    main model (fp8_d, with the global layer's fused K/V blocks) and of the MTP heads (an export
+    with global-layer K/V in 2 fused shards) equal those of the model dequantised on loading, greedy
+    speculative decoding gives its greedy tokens, and the quantised weights take about half their
+    bf16 bytes in the live arrays."""
+    from mimo_jax import generate
+    from mimo_jax.fp8_resident import Fp8Weight
+
+    cfg = load_config("tiny", small_overrides + ["model.qk_head_dim=192", "model.v_head_dim=128",
+                                                 "model.global_kv_heads=2"]).model
+    save_hf(MiMoV2Flash(cfg, rngs=nnx.Rngs(3)), str(tmp_path / "mtp"), dtype="fp8")
+    golden_ids = np.load(os.path.join(GOLDEN_DIR, "fp8_d", "golden.npz"))["input_ids"]
+    for path, ids in ((os.path.join(GOLDEN_DIR, "fp8_d"), golden_ids),
+                      (str(tmp_path / "mtp"), np.random.default_rng(0).integers(1, 96, (2, 24)))):
+        dequantised, resident = load_hf(path, jnp.bfloat16), load_hf(path, jnp.bfloat16, weights="fp8")
+        want, got = dequantised(jnp.asarray(ids)), resident(jnp.asarray(ids))
+        for name in ("logits", "mtp_logits") if resident.config.num_mtp_heads else ("logits",):
+            a, b = (np.asarray(getattr(out, name), np.float32) for out in (want, got))
+            np.testing.assert_allclose(b, a, rtol=0, atol=2**-8 * np.abs(a).max(), err_msg=f"{path} {name}")
+
+        quantised = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(resident))
+                     if isinstance(v.get_value(), Fp8Weight)}
+        names = {p[-1] for p in quantised}
+        assert names == {"q", "k", "v", "gate", "up", "down", "w_gate", "w_up", "w_down"}, names
+        stored = CheckpointReader(path).read("model.layers.0.self_attn.k_proj.weight")
+        np.testing.assert_array_equal(  # the checkpoint's own bytes, transposed into our [in, heads, dim] layout
+            np.asarray(quantised[("segments", 0, "runs", 0, "attn", "k")].values[0, 0]).reshape(stored.shape[1], -1).T
+            .view(np.uint8), np.asarray(stored).view(np.uint8))
+        bf16 = dict(nnx.to_flat_state(nnx.state(dequantised)))
+        held = sum(w.nbytes for w in quantised.values())
+        assert held < 0.6 * sum(bf16[p].get_value().nbytes for p in quantised), held
+
+        if resident.config.num_mtp_heads:
+            prompts = [[5, 6, 7, 8, 9], [3, 4]]
+            plain = generate(dequantised, prompts, 12)
+            np.testing.assert_array_equal(generate(resident, prompts, 12, speculative=True).tokens, plain.tokens)
+    with pytest.raises(CheckpointError, match=r"self_attn.k_proj.weight in .* is float32, not FP8 with a .*_scale_inv"):
+        save_hf(MiMoV2Flash(cfg, rngs=nnx.Rngs(3)), str(tmp_path / "fp32"), dtype=jnp.float32)
+        load_hf(str(tmp_path / "fp32"), jnp.bfloat16, weights="fp8")
 
 
 def test_save_hf_output_loads_in_transformers(tmp_path):

@@ -90,10 +90,12 @@ def dirs(tmp_path_factory):
     workdir = root / "tiny-run"
     write_workdir(str(workdir), cfg, model)
 
-    hf_dir = root / "tiny-hf"
+    hf_dir, fp8_dir = root / "tiny-hf", root / "tiny-hf-fp8"
     save_hf(model, str(hf_dir), dtype=jnp.float32)
-    _write_hf_tokenizer(str(hf_dir))
-    return {"workdir": str(workdir), "hf": str(hf_dir)}
+    save_hf(model, str(fp8_dir), dtype="fp8")
+    for directory in (hf_dir, fp8_dir):
+        _write_hf_tokenizer(str(directory))
+    return {"workdir": str(workdir), "hf": str(hf_dir), "hf_fp8": str(fp8_dir)}
 
 
 @pytest.fixture(scope="module")
@@ -419,11 +421,12 @@ def test_client_disconnect_frees_its_slot(server, client, monkeypatch):
     assert out.usage.completion_tokens == 3
 
 
-def test_serve_cli_on_a_hugging_face_directory(dirs):
+def test_serve_cli_on_a_hugging_face_fp8_directory_with_resident_weights(dirs):
+    """serve.py --weights fp8 on the FP8 export: its greedy text is that of the model dequantised on loading."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--model", dirs["hf"], "--port", "0",
-                             "--num-slots", "2", "--max-seq-len", "64", "--model-name", "hf-tiny", "--api-key", "k1",
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--model", dirs["hf_fp8"], "--weights", "fp8",
+                             "--port", "0", "--num-slots", "2", "--max-seq-len", "64", "--model-name", "hf-tiny", "--api-key", "k1",
                              "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
@@ -433,16 +436,17 @@ def test_serve_cli_on_a_hugging_face_directory(dirs):
             assert proc.poll() is None, "".join(log)
             log.append(lines.get(timeout=120))
         url = log[-1].split(" on ")[-1].strip()
-        assert "chat format: template" in "".join(log) and "speculative decoding on" in "".join(log)
+        assert "chat format: template, FP8-resident weights" in "".join(log)
+        assert "speculative decoding on" in "".join(log)
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
         hf = openai.OpenAI(base_url=url, api_key="k1", max_retries=0, timeout=120)
         messages = [{"role": "user", "content": "Hi"}]
         out = hf.chat.completions.create(model="hf-tiny", messages=messages, max_tokens=6, temperature=0)
-        tokenizer = HFTokenizer(dirs["hf"])
+        tokenizer = HFTokenizer(dirs["hf_fp8"])
         prompt_ids = tokenizer.encode("<|im_start|>user: Hi<|im_end|><|im_start|>assistant: ")
         assert prompt_ids[0] == 0 and out.usage.prompt_tokens == len(prompt_ids) == 3 + len("user: Hi") + len("assistant: ")
-        model = serving.load_served(dirs["hf"]).model
+        model = serving.load_served(dirs["hf_fp8"]).model  # dequantised into fp32, as the server computes
         assert out.choices[0].message.content == _greedy(model, prompt_ids, 6, tokenizer)
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -27,6 +27,9 @@ def main(argv=None) -> int:
     parser.add_argument("--model-name", default=None, help="the 'model' clients ask for (default: the directory name)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="parameter/activation dtype for a Hugging Face directory (a workdir keeps its own)")
+    parser.add_argument("--weights", default="dequantized", choices=("dequantized", "fp8"),
+                        help="fp8: keep an FP8 checkpoint's quantised weights resident as e4m3 blocks (about half "
+                             "the memory of bf16), dequantised inside each matmul")
     parser.add_argument("--api-key", default=os.environ.get("MIMO_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $MIMO_API_KEY; none: open)")
     parser.add_argument("--quiet", action="store_true", help="no per-request log lines")
@@ -39,7 +42,7 @@ def main(argv=None) -> int:
 
     start = time.time()
     try:
-        served = load_served(args.model, args.dtype, args.model_name)
+        served = load_served(args.model, args.dtype, args.model_name, None if args.weights == "dequantized" else args.weights)
     except (OSError, ValueError) as e:
         log(f"error: {e}")
         return 2
@@ -47,7 +50,8 @@ def main(argv=None) -> int:
     engine = SlotEngine(served.model, num_slots=args.num_slots, max_seq_len=args.max_seq_len,
                         speculative=False if args.no_speculative else None, num_draft=num_draft)
     app = App(served, engine, api_key=args.api_key, log=log, access_log=not args.quiet)
-    log(f"loaded {served.name} ({type(served.tokenizer).__name__}, chat format: {app.formatter.kind}); "
+    resident = ", FP8-resident weights" if args.weights == "fp8" else ""
+    log(f"loaded {served.name} ({type(served.tokenizer).__name__}, chat format: {app.formatter.kind}{resident}); "
         f"{engine.num_slots} slots of {engine.max_seq_len} tokens, speculative decoding "
         f"{'on' if engine.speculative else 'off'}; warming up")
     app.start()

@@ -37,10 +37,11 @@ class Served:
     special_tokens: dict = dataclasses.field(default_factory=dict)  # bos/eos/pad token texts for templates
 
 
-def load_served(path: str, dtype: str = "float32", name: str | None = None) -> Served:
+def load_served(path: str, dtype: str = "float32", name: str | None = None, weights: str | None = None) -> Served:
     """A model directory with its tokenizer, by `checkpoint.model_source`'s precedence: a train.py
     workdir (checkpoints/ and config.yaml; the tokenizer is its config's `data.tokenizer`), else a
-    Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json; loaded in `dtype`)."""
+    Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json; loaded in `dtype`,
+    with `weights="fp8"` keeping an FP8 checkpoint's weights resident, `load_hf`)."""
     path = os.path.abspath(path)
     name = name or os.path.basename(path.rstrip(os.sep)) or "mimo"
     if model_source(path) == WORKDIR:
@@ -48,7 +49,7 @@ def load_served(path: str, dtype: str = "float32", name: str | None = None) -> S
             raise FileNotFoundError(f"{path}: a train.py workdir without config.yaml (its tokenizer is named there)")
         data_cfg = load_config(os.path.join(path, "config.yaml")).data
         tokenizer = make_tokenizer(data_cfg)
-        model = load_model(path)
+        model = load_model(path, weights=weights)
         add_bos = data_cfg.add_bos
         tokenizer_dir = os.path.dirname(tokenizer.path) if hasattr(tokenizer, "path") else None
         tokenizer_config = read_tokenizer_config(tokenizer_dir) if tokenizer_dir else {}
@@ -57,7 +58,7 @@ def load_served(path: str, dtype: str = "float32", name: str | None = None) -> S
         if not os.path.isfile(os.path.join(path, "tokenizer.json")):
             raise FileNotFoundError(f"{path}: no tokenizer.json next to config.json")
         tokenizer = HFTokenizer(path)
-        model = load_model(path, jnp.dtype(dtype))
+        model = load_model(path, jnp.dtype(dtype), weights)
         tokenizer_config = read_tokenizer_config(path)
         add_bos = bool(tokenizer_config.get("add_bos_token", False)) and tokenizer.bos_id is not None
     check_tokenizer_fits(tokenizer, model.config.vocab_size)
