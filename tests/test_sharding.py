@@ -1,6 +1,7 @@
 """Meshes on 8 simulated CPU devices: the same loss, logits and gradients as one device, and
 parameters / optimizer state placed as the rules say."""
 
+import os
 import re
 
 import jax
@@ -10,9 +11,11 @@ import optax
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from mimo_jax import MiMoV2Flash, load_config, sharding
+from mimo_jax import MiMoV2Flash, load_config, load_hf, sharding
 from mimo_jax.config import ConfigError
+from mimo_jax.fp8_resident import Fp8Weight
 from mimo_jax.objective import lm_loss
 from mimo_jax.plan.compiling import build_step
 from mimo_jax.sharding import (
@@ -21,8 +24,10 @@ from mimo_jax.sharding import (
     logical_spec,
     make_mesh,
     optimizer_shardings,
+    shard_model,
     state_shardings,
 )
+from tests.conftest import GOLDEN_DIR
 
 MESHES = {
     "data": MeshConfig(data=8, fsdp=1),
@@ -263,3 +268,25 @@ def test_mtp_heads_and_the_embedding_lookup_keep_the_batch_split():
     table_ops = [line for line in hlo.splitlines() if re.search(rf"= f32\[{vocab},{width}\]", line) and "_take" in line]
     assert not table_ops, table_ops[:3]  # gathers / scatter-adds over the whole table
     assert re.search(rf"f32\[{vocab // 2},{width}\]", hlo)  # the vocabulary shard, gathered over embed
+
+
+def test_fp8_resident_weights_shard_with_their_scales_and_keep_the_logits():
+    """An FP8-resident model (load_hf(weights="fp8")) on a data x expert x tensor mesh: each weight's
+    e4m3 values and block scales split over the same mesh axes, and the sharded forward (experts
+    dequantised inside the shard_map dispatch) gives the unsharded logits."""
+    path = os.path.join(GOLDEN_DIR, "fp8_d")
+    ids = jnp.asarray(np.load(os.path.join(path, "golden.npz"))["input_ids"])
+    model = load_hf(path, jnp.float32, weights="fp8")
+    want = np.asarray(model(ids).logits)
+    mesh = make_mesh(MeshConfig(fsdp=2, expert=2, tensor=2))
+    shard_model(model, mesh, ShardingRules())
+    w_gate = nnx.state(model)["segments"][0]["runs"][1]["mlp"]["w_gate"].get_value()
+    assert isinstance(w_gate, Fp8Weight)
+    assert w_gate.values.sharding.spec == w_gate.scale.sharding.spec == P(None, None, "expert", "fsdp", "tensor")
+
+    @nnx.jit
+    def logits(model, ids):
+        with sharding.activate(mesh, ShardingRules()):
+            return model(ids).logits
+
+    np.testing.assert_allclose(np.asarray(logits(model, ids)), want, rtol=0, atol=1e-5 * np.abs(want).max())
