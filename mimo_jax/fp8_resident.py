@@ -38,10 +38,6 @@ class Fp8Weight:
         return self.values.shape
 
     @property
-    def ndim(self) -> int:
-        return self.values.ndim
-
-    @property
     def nbytes(self) -> int:
         return self.values.size * self.values.dtype.itemsize + self.scale.size * self.scale.dtype.itemsize
 

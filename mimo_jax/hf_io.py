@@ -187,22 +187,25 @@ class _HFTensors:
 
     def read(self, name: str) -> np.ndarray:
         """The tensor in float32 if it is FP8 (dequantised), else as stored."""
+        array = self.reader.read(name)
         if name + SCALE_SUFFIX not in self.reader:
-            array = self.reader.read(name)
             if array.dtype == fp8.FP8:
                 raise CheckpointError(f"{self.describe(name)} is FP8 but has no {name + SCALE_SUFFIX}")
             return array
-        return fp8.dequantize_rows(*self.read_blocks(name))
+        return fp8.dequantize_rows(array, self.row_scales(name))
 
-    def read_blocks(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """An FP8 tensor's e4m3 values [rows, cols] and each row's block scales [rows, column blocks]
-        (global-layer k/v: from their fused per-shard [K | V] grid)."""
+    def read_fp8(self, name: str) -> np.ndarray:
+        """An FP8 tensor's e4m3 values, as stored (their scales: `row_scales`)."""
         array = self.reader.read(name)
-        scale_name = name + SCALE_SUFFIX
-        if array.dtype != fp8.FP8 or scale_name not in self.reader:
-            raise CheckpointError(f"{self.describe(name)} is {array.dtype}, not FP8 with a {scale_name}: FP8-resident "
-                                  "weights need the FP8 checkpoint (or load it dequantised, weights=None)")
-        scale = self.reader.read(scale_name)
+        if array.dtype != fp8.FP8 or name + SCALE_SUFFIX not in self.reader:
+            raise CheckpointError(f"{self.describe(name)} is {array.dtype}, not FP8 with a {name + SCALE_SUFFIX}: "
+                                  "FP8-resident weights need the FP8 checkpoint (or load it dequantised, weights=None)")
+        return array
+
+    def row_scales(self, name: str) -> np.ndarray:
+        """Each row's block scales [rows, column blocks] of an FP8 tensor (global-layer k/v: from
+        their fused per-shard [K | V] grid)."""
+        scale = self.reader.read(name + SCALE_SUFFIX)
         kv = _KV_PROJ.fullmatch(name)
         try:
             if kv:
@@ -214,18 +217,20 @@ class _HFTensors:
                 shards = fp8.kv_shards(k_scale.shape[0], v_scale.shape[0], num_kv, self.cfg.qk_head_dim, self.cfg.v_head_dim)
                 if shards is not None:
                     k, v = fp8.fused_kv_row_scales(k_scale, v_scale, k_rows, v_rows, shards)
-                    return array, (k if which == "k" else v)
-            fp8.check_grid(array.shape, scale)
-            return array, fp8.row_scales(scale, array.shape[0])
+                    return k if which == "k" else v
+            shape = self.reader.shape(name)
+            fp8.check_grid(shape, scale)
+            return fp8.row_scales(scale, shape[0])
         except ValueError as e:
             raise CheckpointError(f"{self.describe(name)}: {e}") from None
 
-    def expert(self, leaf: _Leaf, prefix: str, e: int, blocks: bool = False):
-        """Expert e's tensor: `read`, or with `blocks` `read_blocks` (the hub's per-expert names only)."""
+    def expert(self, leaf: _Leaf, prefix: str, e: int, read: Callable | None = None):
+        """Expert e's tensor by `read` (default `self.read`); another reader takes the hub's
+        per-expert names only."""
         name = prefix + leaf.spec.name.format(e=e)
         if name in self.reader:
-            return self.read_blocks(name) if blocks else self.read(name)
-        if blocks:
+            return (read or self.read)(name)
+        if read is not None:
             raise CheckpointError(f"{self.describe(prefix + leaf.spec.alt)}: FP8-resident experts are read from "
                                   f"per-expert tensors ({name}), the release's layout")
         fused = self.read(prefix + leaf.spec.alt)[e]
@@ -345,10 +350,10 @@ def _load_leaf(leaf: _Leaf, tensors: _HFTensors, sharding: Callable | None, fp8_
     in_axis = -len(leaf.tensor_shape)
 
     def values(prefix, index):
-        return _read_entry(leaf, tensors, prefix, index, part=lambda blocks: leaf.to_ours(blocks[0]))
+        return _read_entry(leaf, tensors, prefix, index, tensors.read_fp8, leaf.to_ours)
 
     def scales(prefix, index):
-        return _read_entry(leaf, tensors, prefix, index, part=lambda blocks: leaf.scales_to_ours(blocks[1]))
+        return _read_entry(leaf, tensors, prefix, index, tensors.row_scales, leaf.scales_to_ours)
 
     return Fp8Weight(_assemble(leaf, leaf.shape, fp8.FP8, sharding, values),
                      _assemble(leaf, scale_shape(leaf.shape, in_axis), np.dtype(np.float32), sharding, scales), in_axis)
@@ -374,18 +379,20 @@ def _assemble(leaf: _Leaf, shape: tuple[int, ...], dtype, sharding: Callable | N
     return jax.make_array_from_callback(shape, target, callback)
 
 
-def _read_entry(leaf: _Leaf, tensors: _HFTensors, prefix: str, base_index: tuple[slice, ...], part: Callable | None = None):
+def _read_entry(leaf: _Leaf, tensors: _HFTensors, prefix: str, base_index: tuple[slice, ...],
+                read: Callable | None = None, ours: Callable | None = None):
     """One stack entry of the parameter (indexed by `base_index`): the HF tensor (each expert's,
-    stacked) in our layout and dtype; with `part`, what `part` makes of its `read_blocks`."""
-    blocks = part is not None
-    ours = part if blocks else lambda tensor: leaf.to_ours(np.asarray(tensor))
+    stacked) in our layout and dtype; or, with `read` and `ours`, what `ours` makes of `read`'s
+    array (the FP8 values or their row scales, as stored)."""
+    raw = read is not None
+    read = read or tensors.read
+    ours = ours or (lambda tensor: leaf.to_ours(np.asarray(tensor)))
     if leaf.spec.per_expert:
         experts = range(*base_index[0].indices(leaf.base_shape[0]))
-        entry = np.stack([ours(tensors.expert(leaf, prefix, e, blocks))[base_index[1:]] for e in experts])
+        entry = np.stack([ours(tensors.expert(leaf, prefix, e, read if raw else None))[base_index[1:]] for e in experts])
     else:
-        name = leaf.source(prefix, tensors.reader)
-        entry = ours(tensors.read_blocks(name) if blocks else tensors.read(name))[base_index]
-    return entry if blocks else entry.astype(leaf.dtype)
+        entry = ours(read(leaf.source(prefix, tensors.reader)))[base_index]
+    return entry if raw else entry.astype(leaf.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
