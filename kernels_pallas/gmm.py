@@ -43,6 +43,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 DEFAULT_TILING = (128, 512, 512)
 _LANES = 128
+FP8_BLOCK = 128  # rows of the contraction axis that share one FP8 scale (the release's 128-wide blocks)
 
 
 class VisitPlan(NamedTuple):
@@ -125,11 +126,23 @@ def _rows_in_group(shape, tile, start, end, tm):
     return (rows >= start) & (rows < end)
 
 
+def _dequantized_block(rhs_ref, scale_ref, k_i, compute_dtype):
+    """The [tk, tn] rhs block of FP8 values times its scales: `scale_ref` holds the whole [K / 128,
+    tn] column of scales (a block of a few rows would break Mosaic's 8-row tiling), and each
+    128-row slab of the block takes its own row of it."""
+    tk = rhs_ref.shape[0]
+    slabs = pl.cdiv(tk, FP8_BLOCK)
+    parts = [rhs_ref[c * FP8_BLOCK:min((c + 1) * FP8_BLOCK, tk), :].astype(jnp.float32)
+             * scale_ref[pl.ds(k_i * slabs + c, 1), :] for c in range(slabs)]
+    return (parts[0] if slabs == 1 else jnp.concatenate(parts, axis=0)).astype(compute_dtype)
+
+
 def _gmm_kernel(
     group_bounds, visit_tile, visit_group, visit_counts,  # scalar prefetch (SMEM)
-    lhs_ref, rhs_ref, out_ref, acc_ref,
-    *, tm: int, tiles_k: int, transpose_rhs: bool, compute_dtype,
+    lhs_ref, rhs_ref, *refs,
+    tm: int, tiles_k: int, transpose_rhs: bool, compute_dtype, scaled: bool,
 ):
+    scale_ref, out_ref, acc_ref = refs if scaled else (None, *refs)
     step, k = pl.program_id(1), pl.program_id(2)
     is_real = step < visit_counts[1]
     is_multiplying = step < visit_counts[0]
@@ -142,9 +155,11 @@ def _gmm_kernel(
     @pl.when(is_multiplying)
     def _multiply():
         contract_rhs = 1 if transpose_rhs else 0  # transposed: rhs block is [tn, tk], an NT matmul
+        rhs = (_dequantized_block(rhs_ref, scale_ref, k, compute_dtype) if scaled
+               else rhs_ref[...].astype(compute_dtype))
         acc_ref[...] += jax.lax.dot_general(
             lhs_ref[...].astype(compute_dtype),
-            rhs_ref[...].astype(compute_dtype),
+            rhs,
             (((1,), (contract_rhs,)), ((), ())),
             preferred_element_type=jnp.float32,
         )
@@ -168,8 +183,9 @@ def _gmm_kernel(
             out_ref[...] = jnp.where(mask, acc_ref[...], kept).astype(out_ref.dtype)
 
 
-def _gmm_call(lhs_MK, rhs, group_sizes_G, tiling, transpose_rhs: bool, out_dtype, interpret):
-    """The pallas_call; rhs is [G, K, N], or [G, N, K] when transpose_rhs."""
+def _gmm_call(lhs_MK, rhs, group_sizes_G, tiling, transpose_rhs: bool, out_dtype, interpret, rhs_scale=None):
+    """The pallas_call; rhs is [G, K, N], or [G, N, K] when transpose_rhs; FP8 values with
+    `rhs_scale` [G, ceil(K / 128), N] (not transposed)."""
     m, k = lhs_MK.shape
     num_groups = rhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
@@ -201,25 +217,35 @@ def _gmm_call(lhs_MK, rhs, group_sizes_G, tiling, transpose_rhs: bool, out_dtype
     def out_index(n_i, step, k_i, group_bounds, visit_tile, visit_group, visit_counts):
         return visit_tile[step], n_i
 
+    def scale_index(n_i, step, k_i, *plan_refs):
+        group, _, n_i = rhs_index(n_i, step, k_i, *plan_refs)
+        return group, 0, n_i
+
     rhs_block = (None, tn, tk) if transpose_rhs else (None, tk, tn)
     out_bytes = tiles_m * tm * n * jnp.dtype(out_dtype).itemsize
     cost = pl.CostEstimate(
         flops=2 * m * k * n,
         transcendentals=0,
         # lhs is streamed once per n-tile; every expert's weights are read about once.
-        bytes_accessed=lhs_MK.nbytes * tiles_n + rhs.nbytes + out_bytes,
+        bytes_accessed=lhs_MK.nbytes * tiles_n + rhs.nbytes + out_bytes + (0 if rhs_scale is None else rhs_scale.nbytes),
     )
+    scaled = rhs_scale is not None
     kernel = functools.partial(
-        _gmm_kernel, tm=tm, tiles_k=tiles_k, transpose_rhs=transpose_rhs,
-        compute_dtype=jnp.promote_types(lhs_MK.dtype, rhs.dtype),
+        _gmm_kernel, tm=tm, tiles_k=tiles_k, transpose_rhs=transpose_rhs, scaled=scaled,
+        compute_dtype=lhs_MK.dtype if scaled else jnp.promote_types(lhs_MK.dtype, rhs.dtype),
     )
+    in_specs = [pl.BlockSpec((tm, tk), lhs_index), pl.BlockSpec(rhs_block, rhs_index)]
+    operands = [_pad_rows(lhs_MK, tiles_m * tm), rhs]
+    if scaled:
+        in_specs.append(pl.BlockSpec((None, rhs_scale.shape[1], tn), scale_index))
+        operands.append(rhs_scale.astype(jnp.float32))
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((tiles_m * tm, n), out_dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=4,
             grid=(tiles_n, plan.visit_tile.shape[0], tiles_k),
-            in_specs=[pl.BlockSpec((tm, tk), lhs_index), pl.BlockSpec(rhs_block, rhs_index)],
+            in_specs=in_specs,
             out_specs=pl.BlockSpec((tm, tn), out_index),
             scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)],
         ),
@@ -227,8 +253,8 @@ def _gmm_call(lhs_MK, rhs, group_sizes_G, tiling, transpose_rhs: bool, out_dtype
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
         cost_estimate=cost,
         interpret=interpret,
-        name="gmm_transposed_rhs" if transpose_rhs else "gmm",
-    )(*plan, _pad_rows(lhs_MK, tiles_m * tm), rhs)
+        name="gmm_transposed_rhs" if transpose_rhs else "gmm_fp8" if scaled else "gmm",
+    )(*plan, *operands)
     return out[:m]
 
 
@@ -361,6 +387,7 @@ def gmm(
     transpose_rhs: bool = False,
     preferred_element_type: Any = None,
     interpret: Any = False,
+    rhs_scale: jax.Array | None = None,
 ) -> jax.Array:
     """Grouped matmul: rows [start_g, end_g) of lhs [M, K] times rhs[g]; returns [M, N].
 
@@ -372,6 +399,11 @@ def gmm(
     multiple of 128 up to the tile that divides K, N, else the whole dim. Differentiable in lhs and
     rhs (custom VJP: dlhs by `gmm` with the rhs orientation flipped, drhs by `tgmm`).
     `interpret`: False, True, or `pltpu.InterpretParams()`, passed to `pallas_call`.
+
+    FP8 weights: rhs [G, K, N] of e4m3 values with `rhs_scale` [G, ceil(K / 128), N], the scale of
+    each 128-row block of K per output column (`mimo_jax.fp8_resident.Fp8Weight`). Each rhs block
+    is dequantised in VMEM (fp8 -> fp32 x scale -> lhs.dtype), so the weights are read from HBM as
+    FP8 and no dequantised copy exists. Forward only (inference): not differentiable.
     """
     _check(lhs_MK, rhs, group_sizes_G, 3, "gmm")
     k = lhs_MK.shape[1]
@@ -381,6 +413,13 @@ def gmm(
     if group_sizes_G.shape[0] != rhs.shape[0]:
         raise ValueError(f"gmm: {group_sizes_G.shape[0]} group sizes for {rhs.shape[0]} rhs groups")
     out_dtype = jnp.dtype(preferred_element_type or lhs_MK.dtype)
+    if rhs_scale is not None:
+        want = (rhs.shape[0], pl.cdiv(k, FP8_BLOCK), rhs.shape[2])
+        if transpose_rhs or rhs_scale.shape != want:
+            raise ValueError(f"gmm: rhs_scale {rhs_scale.shape} for rhs {rhs.shape} (transpose_rhs={transpose_rhs}); "
+                             f"expected {want} with transpose_rhs=False")
+        return _gmm_call(lhs_MK, rhs, group_sizes_G.astype(jnp.int32), tuple(tiling), False, out_dtype, interpret,
+                         rhs_scale)
     return _gmm_vjp(lhs_MK, rhs, group_sizes_G.astype(jnp.int32), tuple(tiling), bool(transpose_rhs), out_dtype, interpret)
 
 

@@ -165,6 +165,41 @@ def test_tgmm_matches_reference(problem):
     assert not np.any(np.asarray(out[group_sizes == 0]))
 
 
+def fp8_weights(config, seed=0):
+    """e4m3 values [G, K, N], their scales [G, ceil(K / 128), N], and the dequantised weights."""
+    rng = np.random.default_rng(seed)
+    values = jnp.asarray(rng.normal(size=(config.G, config.K, config.N)) * 4, jnp.float8_e4m3fn)
+    scale = jnp.asarray(rng.uniform(0.01, 0.1, (config.G, -(-config.K // 128), config.N)), jnp.float32)
+    per_row = jnp.repeat(scale, 128, axis=1)[:, :config.K]
+    return values, scale, (values.astype(jnp.float32) * per_row).astype(config.dtype)
+
+
+# k-tiles of one and of two 128-row scale blocks, and a K (200) that is one whole-dim tile with a partial block.
+FP8_CONFIGS = [Config(44, 256, 256, 5, jnp.bfloat16, (8, 128, 128)), Config(40, 512, 128, 4, jnp.bfloat16, (16, 256, 128)),
+               Config(40, 200, 136, 4, jnp.bfloat16, (16, 128, 128))]
+
+
+@functools.partial(jax.jit, static_argnames=("tiling",))
+def kernel_fp8(lhs, values, scale, group_sizes, *, tiling):
+    return gmm(lhs, values, group_sizes, tiling=tiling, rhs_scale=scale, interpret=TPU_INTERPRET)
+
+
+@settings(SETTINGS, max_examples=6)
+@given(problem=problems(FP8_CONFIGS))
+@example(problem=(FP8_CONFIGS[0], np.array([44, 0, 0, 0, 0], np.int32)))
+@example(problem=(FP8_CONFIGS[1], np.array([0, 9, 0, 30], np.int32)))
+def test_gmm_with_fp8_weights_matches_the_dequantised_weights(problem):
+    """FP8-resident experts: each rhs block dequantised in the kernel by its own 128-row scales
+    gives the grouped matmul of the weights dequantised beforehand."""
+    config, group_sizes = problem
+    values, scale, dequantised = fp8_weights(config)
+    (lhs,) = random_inputs(config, (config.M, config.K))
+    out = kernel_fp8(lhs, values, scale, group_sizes, tiling=config.tiling)
+    assert out.shape == (config.M, config.N) and out.dtype == config.dtype
+    assert_close(out, gmm_reference(lhs, dequantised, group_sizes), config.dtype)
+    assert not np.any(np.asarray(out[int(group_sizes.sum()):], np.float32))
+
+
 @pytest.mark.parametrize(
     "group_sizes, tm, padding_group",
     [([3, 0, 20, 1, 10], 8, True), ([3, 0, 20, 1, 10], 8, False), ([0, 0, 0], 8, True), ([0, 0, 0], 8, False),
@@ -232,20 +267,28 @@ def test_bad_arguments():
         gmm(lhs, rhs, jnp.array([4, 4, 0]), interpret=True)
     with pytest.raises(ValueError, match="integer"):
         gmm(lhs, rhs, jnp.array([4.0, 4.0]), interpret=True)
+    with pytest.raises(ValueError, match=r"rhs_scale \(2, 2, 128\) .* expected \(2, 1, 128\)"):
+        gmm(lhs, rhs, jnp.array([4, 4]), rhs_scale=jnp.ones((2, 2, 128)), interpret=True)
 
 
 @pytest.mark.parametrize("topology", ["v5e", "v5p"])
 def test_aot_compiles_for_tpu(topology):
-    """Mosaic lowers the forward and both backward kernels for a real TPU (needs libtpu, no TPU)."""
+    """Mosaic lowers the forward and both backward kernels, and the FP8-weight forward (e4m3 blocks
+    and their scales in VMEM), for a real TPU (needs libtpu, no TPU)."""
     from kernels_pallas.tpu_aot import compile_for_tpu, pallas_kernel_names
 
     def loss(lhs, rhs, group_sizes):
         return gmm(lhs, rhs, group_sizes).astype(jnp.float32).sum()
 
-    m, k, n, g = 512, 256, 512, 8
-    compiled = compile_for_tpu(
-        jax.value_and_grad(loss, argnums=(0, 1)), jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
-        jax.ShapeDtypeStruct((g, k, n), jnp.bfloat16), jax.ShapeDtypeStruct((g,), jnp.int32), topology=topology,
-    )
+    def fp8_forward(lhs, values, scale, group_sizes):
+        return gmm(lhs, values, group_sizes, rhs_scale=scale)
+
+    m, k, n, g = 512, 1024, 512, 8
+    lhs, group_sizes = jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((g,), jnp.int32)
+    compiled = compile_for_tpu(jax.value_and_grad(loss, argnums=(0, 1)), lhs, jax.ShapeDtypeStruct((g, k, n), jnp.bfloat16),
+                               group_sizes, topology=topology)
     assert pallas_kernel_names(compiled) == {"gmm", "gmm_transposed_rhs", "tgmm"}
     assert compiled.cost_analysis()["flops"] >= 3 * 2 * m * k * n
+    compiled = compile_for_tpu(fp8_forward, lhs, jax.ShapeDtypeStruct((g, k, n), jnp.float8_e4m3fn),
+                               jax.ShapeDtypeStruct((g, k // 128, n), jnp.float32), group_sizes, topology=topology)
+    assert pallas_kernel_names(compiled) == {"gmm_fp8"}

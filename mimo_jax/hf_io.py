@@ -111,6 +111,11 @@ class _Leaf:
         """Our shape of what one HF tensor holds: one expert's slice for expert weights."""
         return self.base_shape[1:] if self.spec.per_expert else self.base_shape
 
+    @property
+    def fp8_in_axis(self) -> int:
+        """The input axis of a quantised weight, counted from the end (`Fp8Weight.in_axis`)."""
+        return -len(self.tensor_shape)
+
     def hf_shape(self) -> tuple[int, ...]:
         base = self.tensor_shape
         if self.spec.n_in is None:
@@ -341,13 +346,31 @@ def load_hf(path: str, dtype=jnp.bfloat16, *, sharding: Callable | None = None, 
     return nnx.merge(graphdef, nnx.from_flat_state(new_flat))
 
 
+def fp8_resident_params(params, plan):
+    """Abstract parameters (ShapeDtypeStructs, `abstract_model_state`) as `load_hf(..., weights="fp8")`
+    gives them: each quantised weight an `Fp8Weight` of e4m3 values and float32 block scales. For
+    planning and compiling FP8-resident programs without a checkpoint."""
+    quantised = {leaf.path: leaf for leaf in _leaves(params, plan) if leaf.spec.quantizable}
+
+    def resident(path, var):
+        leaf = quantised.get(path)
+        if leaf is None:
+            return var
+        values = var.get_value()
+        return var.replace(Fp8Weight(jax.ShapeDtypeStruct(values.shape, fp8.FP8),
+                                     jax.ShapeDtypeStruct(scale_shape(values.shape, leaf.fp8_in_axis), jnp.float32),
+                                     leaf.fp8_in_axis))
+
+    return nnx.from_flat_state([(path, resident(path, var)) for path, var in nnx.to_flat_state(params)])
+
+
 def _load_leaf(leaf: _Leaf, tensors: _HFTensors, sharding: Callable | None, fp8_resident: bool):
     """The parameter as a (sharded) array, or as an `Fp8Weight` of its e4m3 values and per-row
     block scales when `fp8_resident` and the parameter is one the release quantises."""
     if not (fp8_resident and leaf.spec.quantizable):
         return _assemble(leaf, leaf.shape, leaf.dtype, sharding,
                          lambda prefix, index: _read_entry(leaf, tensors, prefix, index))
-    in_axis = -len(leaf.tensor_shape)
+    in_axis = leaf.fp8_in_axis
 
     def values(prefix, index):
         return _read_entry(leaf, tensors, prefix, index, tensors.read_fp8, leaf.to_ours)

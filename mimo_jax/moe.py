@@ -26,7 +26,8 @@ from kernels_pallas.gmm_reference import gmm_reference
 from mimo_jax import sharding
 from mimo_jax.blocked_gmm import blocked_gmm
 from mimo_jax.config import ModelConfig
-from mimo_jax.fp8_resident import weight
+from mimo_jax.fp8 import BLOCK as FP8_BLOCK
+from mimo_jax.fp8_resident import Fp8Weight, weight
 from mimo_jax.layers import RouterBias, make_param
 
 
@@ -85,7 +86,13 @@ def route(x_ND, router_DE, bias_E, cfg: ModelConfig):
 
 
 def grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G, impl: str = "xla", interpret=False):
-    """Rows of `lhs` sorted by group; rows of group g are multiplied by `rhs[g]`. fp32 accumulate."""
+    """Rows of `lhs` sorted by group; rows of group g are multiplied by `rhs[g]`. fp32 accumulate.
+    An FP8-resident `rhs` (`Fp8Weight`) is dequantised block by block inside the Pallas kernel, and
+    as a whole in `lhs.dtype` for the other impls."""
+    if isinstance(rhs_GKN, Fp8Weight):
+        if impl == "pallas":
+            return gmm(lhs_MK, rhs_GKN.values, group_sizes_G, rhs_scale=rhs_GKN.scale, interpret=interpret)
+        rhs_GKN = rhs_GKN.dequantize(lhs_MK.dtype)
     if impl == "xla":
         return blocked_gmm(lhs_MK, rhs_GKN, group_sizes_G)
     if impl == "ragged_dot":
@@ -237,11 +244,13 @@ class MoE(nnx.Module):
         the router-bias update."""
         dt = x_BTD.dtype
         b, t, d = x_BTD.shape
-        w = (weight(self.w_gate, dt), weight(self.w_up, dt), weight(self.w_down, dt))
+        impl = self.cfg.resolved_moe_impl
+        # The Pallas grouped matmul dequantises FP8-resident experts per block; the others take them dequantised.
+        w = tuple(v.get_value() if impl == "pallas" and isinstance(v.get_value(), Fp8Weight) else weight(v, dt)
+                  for v in (self.w_gate, self.w_up, self.w_down))
         weights_BTk, experts_BTk, scores_BTE = route(x_BTD.reshape(b * t, d), self.router[...], self.bias[...], self.cfg)
         weights_BTk, experts_BTk = weights_BTk.reshape(b, t, -1), experts_BTk.reshape(b, t, -1)
         stats = router_stats(scores_BTE.reshape(b, t, -1), experts_BTk, self.cfg.num_experts, segment_ids_BT)
-        impl = self.cfg.resolved_moe_impl
         if impl != "dense" and sharding.active() is not None:
             return self._sharded(x_BTD, weights_BTk, experts_BTk, *w), stats
         x_ND, weights, experts = x_BTD.reshape(b * t, d), weights_BTk.reshape(b * t, -1), experts_BTk.reshape(b * t, -1)
@@ -271,6 +280,9 @@ class MoE(nnx.Module):
         batch, seq = sharding.spec_axes(rows_spec, 0), sharding.spec_axes(rows_spec, 1)
         if set(seq) & set(width):
             seq = ()
+        width_shards = math.prod(mesh.shape[a] for a in width)
+        if isinstance(w_down, Fp8Weight) and w_down.shape[1] % (FP8_BLOCK * width_shards):
+            w_down = w_down.dequantize(x_BTD.dtype)  # its 128-row scale blocks would straddle the width shards
         tokens_per_device = b * t // math.prod(mesh.shape[a] for a in batch + seq)
         capacity = expert_capacity(tokens_per_device, cfg.num_experts_per_token, shards, cfg.moe_capacity_factor)
 

@@ -270,13 +270,16 @@ def test_mtp_heads_and_the_embedding_lookup_keep_the_batch_split():
     assert re.search(rf"f32\[{vocab // 2},{width}\]", hlo)  # the vocabulary shard, gathered over embed
 
 
-def test_fp8_resident_weights_shard_with_their_scales_and_keep_the_logits():
+@pytest.mark.parametrize("moe_impl", ["xla", "pallas"])
+def test_fp8_resident_weights_shard_with_their_scales_and_keep_the_logits(moe_impl):
     """An FP8-resident model (load_hf(weights="fp8")) on a data x expert x tensor mesh: each weight's
-    e4m3 values and block scales split over the same mesh axes, and the sharded forward (experts
-    dequantised inside the shard_map dispatch) gives the unsharded logits."""
+    e4m3 values and block scales split over the same mesh axes, and the sharded forward gives the
+    unsharded logits: experts dequantised before the shard_map dispatch (xla), or passed into it as
+    FP8 and dequantised in the Pallas kernel (w_gate, w_up; w_down's 64 rows per expert cannot split
+    into 128-row scale blocks over the tensor axis, so it is dequantised first)."""
     path = os.path.join(GOLDEN_DIR, "fp8_d")
     ids = jnp.asarray(np.load(os.path.join(path, "golden.npz"))["input_ids"])
-    model = load_hf(path, jnp.float32, weights="fp8")
+    model = load_hf(path, jnp.float32, weights="fp8", moe_impl=moe_impl)
     want = np.asarray(model(ids).logits)
     mesh = make_mesh(MeshConfig(fsdp=2, expert=2, tensor=2))
     shard_model(model, mesh, ShardingRules())

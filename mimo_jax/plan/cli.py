@@ -62,6 +62,9 @@ def main(argv: Sequence[str] | None = None, out=sys.stdout) -> int:
     parser.add_argument("--num-draft", type=int, default=0,
                         help="decode: plan the speculative verify step of this many MTP drafts + 1 (default 0: "
                              "plain decoding, 1 token)")
+    parser.add_argument("--weights", choices=("fp8",), default=None,
+                        help="inference: FP8-resident weights, as load_hf(..., weights='fp8') / serve.py --weights fp8 "
+                             "keep them (default: every weight in model.param_dtype)")
     parser.add_argument("--cost-model", action="store_true",
                         help="also compile the cost model's probes (layers unrolled) for flops, HBM and ICI time "
                              "(mimo_jax.plan.cost)")
@@ -89,7 +92,7 @@ def main(argv: Sequence[str] | None = None, out=sys.stdout) -> int:
         if args.search:
             tried, best = search(cfg, topology, args.mode, args.seq_len, args.global_batch,
                                   args.max_compiles, out, args.meshes_per_policy, prefill_chunk=args.prefill_chunk,
-                                  num_draft=args.num_draft)
+                                  num_draft=args.num_draft, weights=args.weights)
             if best is None:
                 print(f"no fitting plan in {len(tried)} compiles (raise --max-compiles, add chips, or override "
                       f"model.param_dtype=bfloat16)", file=out)
@@ -99,7 +102,7 @@ def main(argv: Sequence[str] | None = None, out=sys.stdout) -> int:
             return 0
         result = compile_plan(cfg, topology, args.mode, args.seq_len, args.global_batch,
                               prefill_chunk=args.prefill_chunk, num_draft=args.num_draft, cost_model=args.cost_model,
-                              largest_buffers=args.largest_buffers)
+                              largest_buffers=args.largest_buffers, weights=args.weights)
     except (PlanError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ compiler's memory and cost figures into a `PlanResult`."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import math
 import os
@@ -21,7 +22,9 @@ from jax.sharding import NamedSharding
 from mimo_jax import sharding
 from mimo_jax.config import ConfigError
 from mimo_jax.flops import hand_flops_per_token, jaxpr_flops
+from mimo_jax.hf_io import fp8_resident_params
 from mimo_jax.kv_cache import CACHE_AXES, DEFAULT_PREFILL_CHUNK, init_cache
+from mimo_jax.model import abstract_model
 from mimo_jax.plan.cost import CostEstimate, estimate_cost, xla_cost
 from mimo_jax.plan.topology import GIB, PlanError, Topology, topology_devices
 from mimo_jax.sharding import logical_spec, make_mesh
@@ -39,6 +42,7 @@ class PlanResult:
     capacity_factor: float
     global_batch: int
     seq_len: int  # train: tokens per sequence; prefill / decode: the KV cache's length (context)
+    weights: str = ""  # the parameters' dtype, or "fp8" (FP8-resident)
     query_len: int = 0  # tokens per sequence in the step: seq_len (train), the chunk, 1 or num_draft + 1
     num_draft: int = 0
     compile_s: float = float("nan")
@@ -157,14 +161,16 @@ def compile_training_run(cfg, topology: Topology, cost_model: bool = False, larg
 
 def compile_plan(cfg, topology: Topology, mode: str, seq_len: int, global_batch: int | None, *,
                  prefill_chunk: int | None = None, num_draft: int = 0, cost_model: bool = False,
-                 largest_buffers: int = 5) -> PlanResult:
+                 largest_buffers: int = 5, weights: str | None = None) -> PlanResult:
     """Lowers and compiles the step for the topology and reads the compiler's figures, with the
     `largest_buffers` biggest HBM buffers of XLA's buffer assignment; with `cost_model`, a step
     that compiled is also costed by `mimo_jax.plan.cost` (more compiles).
 
     train: one optimizer step; prefill: the last `prefill_chunk`-token chunk (default
     DEFAULT_PREFILL_CHUNK, at most `seq_len`) of a prompt into a `seq_len`-token KV cache; decode:
-    one step of 1 (or `num_draft` + 1) tokens per sequence with a full `seq_len`-token cache."""
+    one step of 1 (or `num_draft` + 1) tokens per sequence with a full `seq_len`-token cache.
+    `weights="fp8"` plans FP8-resident weights (inference modes), as `load_hf(..., weights="fp8")`
+    loads them."""
 
     model_cfg = cfg.model
     query_len = step_query_len(mode, seq_len, prefill_chunk, num_draft, model_cfg)
@@ -176,14 +182,15 @@ def compile_plan(cfg, topology: Topology, mode: str, seq_len: int, global_batch:
     result = PlanResult(mode=mode, topology=topology.name, chips=topology.chips, devices=devices,
                         mesh=dict(mesh.shape), remat=model_cfg.remat, capacity_factor=model_cfg.moe_capacity_factor,
                         global_batch=batch, seq_len=seq_len, query_len=query_len, num_draft=num_draft,
-                        hand=hand_flops_per_token(model_cfg, seq_len, mode, query_len))
+                        weights=weights or model_cfg.param_dtype, hand=hand_flops_per_token(model_cfg, seq_len, mode, query_len))
     if batch % shards:
         result.notes.append(f"global batch {batch} does not divide over the {shards} batch shards "
                             f"({'x'.join(rules.batch)}): the batch is replicated, every device computes it all")
     if "expert" in mesh.shape and model_cfg.num_experts % mesh.shape["expert"]:
         raise PlanError(f"expert axis {mesh.shape['expert']} does not divide {model_cfg.num_experts} experts")
 
-    step, args, state = build_step(cfg, mesh, mode, batch, seq_len, query_len, num_draft)
+    build = functools.partial(build_step, weights=weights)
+    step, args, state = build(cfg, mesh, mode, batch, seq_len, query_len, num_draft)
     result.params_bytes, result.opt_bytes, result.cache_bytes, result.rest_bytes = (
         state["params"], state.get("opt_state", 0), state.get("cache", 0), state["rest"])
     if mode != "train":
@@ -212,7 +219,7 @@ def compile_plan(cfg, topology: Topology, mode: str, seq_len: int, global_batch:
     _read_compiled(result, compiled, topology)
     if cost_model:
         try:
-            result.cost = estimate_cost(cfg, topology, mesh, mode, batch, seq_len, query_len, num_draft, build_step,
+            result.cost = estimate_cost(cfg, topology, mesh, mode, batch, seq_len, query_len, num_draft, build,
                                         device_share(result, topology),
                                         progress=lambda m: print(m, file=sys.stderr, flush=True))
         except jax.errors.JaxRuntimeError as e:  # a probe refused: the plan stands without the estimate
@@ -220,11 +227,13 @@ def compile_plan(cfg, topology: Topology, mode: str, seq_len: int, global_batch:
     return result
 
 
-def build_step(cfg, mesh, mode: str, batch: int, seq_len: int, query_len: int, num_draft: int = 0):
+def build_step(cfg, mesh, mode: str, batch: int, seq_len: int, query_len: int, num_draft: int = 0,
+               weights: str | None = None):
     """(jitted step, its abstract sharded arguments, per-device state bytes by kind) for one
-    training step (`cfg.train`'s optimizer, accumulation and loss) or one cached model call."""
+    training step (`cfg.train`'s optimizer, accumulation and loss) or one cached model call, the
+    latter with FP8-resident weights where `weights="fp8"`."""
     model_cfg, rules = cfg.model, cfg.sharding
-    graphdef, params, rest = abstract_model_state(model_cfg)
+    graphdef, params, rest = abstract_state(model_cfg, mode, weights)
     state = {}
     if mode == "train":
         batch_shape = (batch, seq_len)
@@ -249,6 +258,19 @@ def build_step(cfg, mesh, mode: str, batch: int, seq_len: int, query_len: int, n
     state["params"] = bytes_per_device(params, shardings["params"])
     state["rest"] = bytes_per_device(rest, shardings["rest"])
     return step, args, state
+
+
+def abstract_state(model_cfg, mode: str, weights: str | None = None):
+    """(graphdef, params, rest) as ShapeDtypeStructs; with `weights="fp8"` the quantised weights
+    are FP8-resident (`hf_io.fp8_resident_params`), which only the inference modes take."""
+    graphdef, params, rest = abstract_model_state(model_cfg)
+    if weights == "fp8":
+        if mode == "train":
+            raise PlanError("FP8-resident weights (--weights fp8) are for inference: plan --mode prefill or decode")
+        params = fp8_resident_params(params, abstract_model(model_cfg).plan)
+    elif weights is not None:
+        raise PlanError(f"--weights {weights!r}: expected fp8 (or none: model.param_dtype)")
+    return graphdef, params, rest
 
 
 _REPORT_LINE = re.compile(r"^\s*[\d.]+\w*\(\s*\d+%\);\s*([\d.]+)(B|KiB|MiB|GiB|TiB);\s*\d+;\s*\d+;\s*(.*)$")

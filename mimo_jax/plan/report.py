@@ -69,7 +69,8 @@ def report(result: PlanResult, topology: Topology, out=sys.stdout) -> None:
     share = device_share(result, topology)
     p("memory/device:   (per chip where a device is a chip; libtpu lists v4 TensorCores separately)" if share != 1
       else "memory/chip:")
-    p(f"  parameters          {_gib(result.params_bytes)}")
+    resident = " (FP8-resident: e4m3 values + block scales where the release quantises)" if result.weights == "fp8" else ""
+    p(f"  parameters          {_gib(result.params_bytes)}{resident}")
     if result.mode == "train":
         p(f"  optimizer state     {_gib(result.opt_bytes)}")
     else:

@@ -14,6 +14,7 @@ from mimo_jax.plan.compiling import (
     SEQ_SHARDED_CACHE,
     PlanResult,
     abstract_cache,
+    abstract_state,
     build_mesh,
     bytes_per_device,
     cache_shardings,
@@ -22,7 +23,7 @@ from mimo_jax.plan.compiling import (
 )
 from mimo_jax.plan.report import mfu
 from mimo_jax.plan.topology import GIB, Topology, parse_topology, topology_devices
-from mimo_jax.train_step import abstract_model_state, make_optimizer
+from mimo_jax.train_step import make_optimizer
 
 
 def candidate_meshes(devices: int, num_experts: int, mode: str = "train") -> list[dict[str, int]]:
@@ -53,7 +54,7 @@ def _divisors(n: int) -> list[int]:
 
 def search(base_cfg, topology: Topology, mode: str, seq_len: int, global_batch: int | None, max_compiles: int,
            out=sys.stdout, meshes_per_policy: int = 3, *, prefill_chunk: int | None = None,
-           num_draft: int = 0) -> tuple[list[PlanResult], PlanResult | None]:
+           num_draft: int = 0, weights: str | None = None) -> tuple[list[PlanResult], PlanResult | None]:
     """Compiles candidates until one fits (or `max_compiles` are spent); returns (tried, best).
 
     Order: capacity factor 0 (dropless) before bounded buffers, then remat none < dots < full
@@ -97,7 +98,7 @@ def search(base_cfg, topology: Topology, mode: str, seq_len: int, global_batch: 
                 tokens_per_device = query_len * (batch // shards if batch % shards == 0 else batch)
                 hbm = topology.chip.hbm_gib * GIB * topology.chips / devices
                 reason = None
-                state = _state_bytes(cfg, topology, mode, batch, seq_len, num_draft)
+                state = _state_bytes(cfg, topology, mode, batch, seq_len, num_draft, weights)
                 if state > hbm:
                     reason = f"state alone {state / GIB:.1f} GiB > HBM"
                 elif capacity == 0.0 and ragged_refused:
@@ -120,7 +121,7 @@ def search(base_cfg, topology: Topology, mode: str, seq_len: int, global_batch: 
                             print(search_row(skipped), file=out, flush=True)
                     continue
                 result = compile_plan(cfg, topology, mode, seq_len, global_batch, largest_buffers=0,
-                                      prefill_chunk=prefill_chunk, num_draft=num_draft)
+                                      prefill_chunk=prefill_chunk, num_draft=num_draft, weights=weights)
                 tried.append(result)
                 compiled_here += 1
                 ragged_refused |= "Ragged all-to-all" in (result.error or "")
@@ -162,11 +163,12 @@ def compile_plan_stub(cfg, topology: Topology, mode: str, seq_len: int, global_b
                       error="skipped, " + reason)
 
 
-def _state_bytes(cfg, topology: Topology, mode: str, batch: int, seq_len: int, num_draft: int = 0) -> int:
+def _state_bytes(cfg, topology: Topology, mode: str, batch: int, seq_len: int, num_draft: int = 0,
+                 weights: str | None = None) -> int:
     """Parameters, plus AdamW moments in training or the KV cache in inference, per device, from
     the shardings alone."""
     mesh = build_mesh(cfg, topology)
-    _, params, _ = abstract_model_state(cfg.model)
+    _, params, _ = abstract_state(cfg.model, mode, weights)
     param_shardings = sharding.state_shardings(params, mesh, cfg.sharding)
     param_bytes = bytes_per_device(params, param_shardings)
     if mode != "train":
