@@ -67,6 +67,7 @@ class LayerSegment(nnx.Module):
         self.segment = segment
         self.remat = cfg.remat
         self.unroll = cfg.unroll_layers
+        self.slice_layers_in_place = cfg.compiles_mosaic
         self.runs = nnx.List(
             [DecoderLayer(cfg, *run.kind, stack=(segment.repeats, run.length), rngs=rngs) for run in segment.runs]
         )
@@ -76,29 +77,37 @@ class LayerSegment(nnx.Module):
 
         `caches` holds one `kv_cache.LayerKV` per run, stacked like the run's parameters."""
         splits = [nnx.split(run) for run in self.runs]
-        graphdefs = [g for g, _ in splits]
+        graphdefs, stacks = [g for g, _ in splits], tuple(s for _, s in splits)
+        # On TPU, a call with a cache (inference, never differentiated) has each layer read its own
+        # slice [p, j] of the stacked parameters: scanning over the stacks makes XLA copy each
+        # period's layers (for the release, 2.5 GiB of FP8 experts per weight per v5p chip) before
+        # slicing one of them. XLA:CPU runs the tiny model's decode 10-30% slower that way.
+        index_layers = caches is not None and self.slice_layers_in_place
 
         def period(x, xs):
-            states, period_caches = xs
+            period_xs, period_caches = xs  # per run: the period's stacked parameters, or its index p
             run_stats, run_caches = [], []
-            for graphdef, state, cache in zip(graphdefs, states, period_caches):
+            for run, graphdef, stack, run_xs, cache in zip(self.segment.runs, graphdefs, stacks, period_xs, period_caches):
 
-                def layer(x, layer_xs, graphdef=graphdef):
-                    layer_state, layer_cache = layer_xs
+                def layer(x, layer_xs, graphdef=graphdef, stack=stack, p=run_xs):
+                    layer_state, layer_cache = layer_xs  # layer_state: the layer's parameters, or its index j
+                    if index_layers:
+                        layer_state = jax.tree.map(lambda a: a[p, layer_state], stack)
                     x, stats, layer_cache = nnx.merge(graphdef, layer_state)(x, positions_BT, segment_ids_BT, layer_cache, step)
                     return sharding.constrain(x, ACTIVATION_AXES), (stats, layer_cache)
 
                 if self.remat != "none":
                     # CSE of the recomputation is harmless inside a scan, but unrolled it would undo the remat.
                     layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=self.unroll)
-                x, (stats, cache) = jax.lax.scan(layer, x, (state, cache), unroll=self.unroll)
+                layer_xs = jnp.arange(run.length) if index_layers else run_xs
+                x, (stats, cache) = jax.lax.scan(layer, x, (layer_xs, cache), unroll=self.unroll)
                 run_stats.append(stats)
                 run_caches.append(cache)
             return x, (run_stats, run_caches)
 
         period_caches = tuple(caches) if caches is not None else (None,) * len(splits)
-        x_BTD, (run_stats, run_caches) = jax.lax.scan(period, x_BTD, (tuple(s for _, s in splits), period_caches),
-                                                     unroll=self.unroll)
+        period_xs = tuple(jnp.arange(self.segment.repeats) for _ in stacks) if index_layers else stacks
+        x_BTD, (run_stats, run_caches) = jax.lax.scan(period, x_BTD, (period_xs, period_caches), unroll=self.unroll)
         return x_BTD, run_stats, (run_caches if caches is not None else None)
 
 

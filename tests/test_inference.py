@@ -40,10 +40,14 @@ def _coin_flip_model(overrides):
     return model
 
 
-def test_cached_steps_equal_the_full_forward(small_overrides):
+@pytest.mark.parametrize("slice_layers_in_place", [False, True])
+def test_cached_steps_equal_the_full_forward(small_overrides, slice_layers_in_place):
     """Prefill in chunks shorter than the ring and longer than it, then decode: the logits of
-    every position equal one uncached forward, across several ring wrap-arounds (window 3)."""
+    every position equal one uncached forward, across several ring wrap-arounds (window 3); also
+    with each layer sliced [p, j] from the stacked parameters, as on TPU."""
     model = _model(small_overrides)
+    for segment in model.segments:
+        segment.slice_layers_in_place = slice_layers_in_place
     b, t = 2, 30
     ids = jax.random.randint(jax.random.key(1), (b, t), 3, 96)
     full = model(ids).logits
