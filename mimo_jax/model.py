@@ -78,37 +78,59 @@ class LayerSegment(nnx.Module):
         `caches` holds one `kv_cache.LayerKV` per run, stacked like the run's parameters."""
         splits = [nnx.split(run) for run in self.runs]
         graphdefs, stacks = [g for g, _ in splits], tuple(s for _, s in splits)
-        # On TPU, a call with a cache (inference, never differentiated) has each layer read its own
-        # slice [p, j] of the stacked parameters: scanning over the stacks makes XLA copy each
-        # period's layers (for the release, 2.5 GiB of FP8 experts per weight per v5p chip) before
-        # slicing one of them. XLA:CPU runs the tiny model's decode 10-30% slower that way.
-        index_layers = caches is not None and self.slice_layers_in_place
+        if caches is not None and self.slice_layers_in_place:
+            return self._in_place(x_BTD, positions_BT, segment_ids_BT, tuple(caches), step, graphdefs, stacks)
 
         def period(x, xs):
-            period_xs, period_caches = xs  # per run: the period's stacked parameters, or its index p
+            states, period_caches = xs
             run_stats, run_caches = [], []
-            for run, graphdef, stack, run_xs, cache in zip(self.segment.runs, graphdefs, stacks, period_xs, period_caches):
+            for graphdef, state, cache in zip(graphdefs, states, period_caches):
 
-                def layer(x, layer_xs, graphdef=graphdef, stack=stack, p=run_xs):
-                    layer_state, layer_cache = layer_xs  # layer_state: the layer's parameters, or its index j
-                    if index_layers:
-                        layer_state = jax.tree.map(lambda a: a[p, layer_state], stack)
+                def layer(x, layer_xs, graphdef=graphdef):
+                    layer_state, layer_cache = layer_xs
                     x, stats, layer_cache = nnx.merge(graphdef, layer_state)(x, positions_BT, segment_ids_BT, layer_cache, step)
                     return sharding.constrain(x, ACTIVATION_AXES), (stats, layer_cache)
 
                 if self.remat != "none":
                     # CSE of the recomputation is harmless inside a scan, but unrolled it would undo the remat.
                     layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=self.unroll)
-                layer_xs = jnp.arange(run.length) if index_layers else run_xs
-                x, (stats, cache) = jax.lax.scan(layer, x, (layer_xs, cache), unroll=self.unroll)
+                x, (stats, cache) = jax.lax.scan(layer, x, (state, cache), unroll=self.unroll)
                 run_stats.append(stats)
                 run_caches.append(cache)
             return x, (run_stats, run_caches)
 
         period_caches = tuple(caches) if caches is not None else (None,) * len(splits)
-        period_xs = tuple(jnp.arange(self.segment.repeats) for _ in stacks) if index_layers else stacks
-        x_BTD, (run_stats, run_caches) = jax.lax.scan(period, x_BTD, (period_xs, period_caches), unroll=self.unroll)
+        x_BTD, (run_stats, run_caches) = jax.lax.scan(period, x_BTD, (stacks, period_caches), unroll=self.unroll)
         return x_BTD, run_stats, (run_caches if caches is not None else None)
+
+    def _in_place(self, x_BTD, positions_BT, segment_ids_BT, caches, step, graphdefs, stacks):
+        """A cached call on TPU (inference, never differentiated): layer [p, j] reads its slice of
+        the stacked parameters and caches where they lie, and writes its cache slice back into the
+        stack carried through the loops. Scanning over the stacks instead makes XLA copy each
+        period's parameters (for the release, 2.5 GiB of FP8 experts per weight per v5p chip)
+        before slicing a layer, and write the updated caches into a second stack. XLA:CPU runs the
+        tiny model's decode 10-30% slower this way, so it is kept for TPU programs."""
+
+        def period(carry, p):
+            x, caches = carry
+            run_stats, run_caches = [], []
+            for run, graphdef, stack, cache in zip(self.segment.runs, graphdefs, stacks, caches):
+
+                def layer(carry, j, graphdef=graphdef, stack=stack):
+                    x, cache = carry
+                    layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[p, j], stack))
+                    x, stats, layer_cache = layer(x, positions_BT, segment_ids_BT, jax.tree.map(lambda a: a[p, j], cache), step)
+                    cache = jax.tree.map(lambda whole, new: whole.at[p, j].set(new), cache, layer_cache)
+                    return (sharding.constrain(x, ACTIVATION_AXES), cache), stats
+
+                (x, cache), stats = jax.lax.scan(layer, (x, cache), jnp.arange(run.length), unroll=self.unroll)
+                run_stats.append(stats)
+                run_caches.append(cache)
+            return (x, tuple(run_caches)), run_stats
+
+        (x_BTD, caches), run_stats = jax.lax.scan(period, (x_BTD, caches), jnp.arange(self.segment.repeats),
+                                                 unroll=self.unroll)
+        return x_BTD, run_stats, list(caches)
 
 
 class MTPHead(nnx.Module):
