@@ -151,20 +151,28 @@ def _exclusive_cumsum(x, axis=0):
 
 
 def experts_expert_parallel(x_ND, weights_Nk, experts_Nk, w_gate, w_up, w_down, *, num_experts, shards,
-                            capacity, impl, interpret, emulate_ragged, axis=("expert",), width_axis=None):
+                            capacity, impl, interpret, emulate_ragged, axis=("expert",), width_axis=None,
+                            replicated_axis=None):
     """Per-device body under shard_map: experts live on the `shards` devices of the mesh axes `axis`.
 
     Each (token, choice) goes to the shard holding its expert and its result comes back. Dropless
     (capacity None): a ragged all-to-all moves exactly the rows each shard gets, into a buffer
     big enough for the worst case. With a capacity: a padded all-to-all of [shards, capacity]
     slots, choices past a shard's capacity are dropped. The FFN width may be split over the mesh
-    axes `width_axis` (partial outputs summed there).
+    axes `width_axis` (partial outputs summed there). Where the tokens are the same on every
+    device of the mesh axes `replicated_axis` (a batch too small to split over them, as in
+    batch-1 decoding), each of those devices sends only every r-th choice and the partial outputs
+    are summed there, so no expert computes a choice twice.
     """
     n, k = experts_Nk.shape
     d = x_ND.shape[1]
     local_experts = num_experts // shards
     flat = experts_Nk.reshape(-1)
     dest, local_expert = flat // local_experts, (flat % local_experts).astype(jnp.int32)
+    if replicated_axis:
+        copies = math.prod(jax.lax.axis_size(a) for a in replicated_axis)
+        mine = jnp.arange(n * k) % copies == jax.lax.axis_index(replicated_axis)
+        dest = jnp.where(mine, dest, shards)  # sorted last and counted nowhere: never sent
     order = jnp.argsort(dest, stable=True)  # choices grouped by destination shard
     counts = jnp.bincount(dest, length=shards).astype(jnp.int32)
     rows_sorted, experts_sorted_ = x_ND[order // k], local_expert[order]
@@ -185,8 +193,9 @@ def experts_expert_parallel(x_ND, weights_Nk, experts_Nk, w_gate, w_up, w_down, 
 
         recv_x, recv_e = exchange(rows_sorted, 0), exchange(experts_sorted_, local_experts)
     else:
-        rank = jnp.arange(n * k) - _exclusive_cumsum(counts)[dest[order]]
-        slot = jnp.where(rank < capacity, dest[order] * capacity + rank, shards * capacity)  # last slot: dropped
+        sent = dest[order] < shards
+        rank = jnp.arange(n * k) - _exclusive_cumsum(counts)[jnp.minimum(dest[order], shards - 1)]
+        slot = jnp.where(sent & (rank < capacity), dest[order] * capacity + rank, shards * capacity)  # last: dropped
 
         def exchange(operand, fill, there=True):
             if there:
@@ -207,7 +216,10 @@ def experts_expert_parallel(x_ND, weights_Nk, experts_Nk, w_gate, w_up, w_down, 
         out = jax.lax.psum(out, width_axis)
     back_sorted = exchange(out[jnp.argsort(by_expert)], 0, there=False)  # rows in `order`
     per_choice_NkD = jnp.zeros_like(back_sorted).at[order].set(back_sorted).reshape(n, k, d)
-    return jnp.einsum("nkd,nk->nd", per_choice_NkD.astype(jnp.float32), weights_Nk).astype(x_ND.dtype)
+    y_ND = jnp.einsum("nkd,nk->nd", per_choice_NkD.astype(jnp.float32), weights_Nk)
+    if replicated_axis:
+        y_ND = jax.lax.psum(y_ND, replicated_axis)
+    return y_ND.astype(x_ND.dtype)
 
 
 def experts_gathered(x_ND, weights_Nk, experts_Nk, w_gate_EDI, w_up_EDI, w_down_EID):
@@ -284,6 +296,7 @@ class MoE(nnx.Module):
         if isinstance(w_down, Fp8Weight) and w_down.shape[1] % (FP8_BLOCK * width_shards):
             w_down = w_down.dequantize(x_BTD.dtype)  # its 128-row scale blocks would straddle the width shards
         tokens_per_device = b * t // math.prod(mesh.shape[a] for a in batch + seq)
+        replicated = tuple(a for a in ep if a not in batch + seq and mesh.shape[a] > 1)
         capacity = expert_capacity(tokens_per_device, cfg.num_experts_per_token, shards, cfg.moe_capacity_factor)
 
         def body(x_btd, weights_btk, experts_btk, w_gate, w_up, w_down):
@@ -293,6 +306,7 @@ class MoE(nnx.Module):
                 num_experts=cfg.num_experts, shards=shards, capacity=capacity,
                 impl=cfg.resolved_moe_impl, interpret=cfg.pallas_interpret,
                 emulate_ragged=mesh.devices.flat[0].platform == "cpu", axis=ep or ("expert",), width_axis=width or None,
+                replicated_axis=replicated or None,
             )
             return y_ND.reshape(x_btd.shape)
 

@@ -213,6 +213,29 @@ def test_expert_dispatch_dropless_and_with_capacity(setup, capacity_factor, exac
         assert np.isfinite(got[0]) and abs(float(got[0]) - float(want[0])) > 1e-6
 
 
+def test_a_batch_too_small_for_the_expert_axis_sends_each_choice_once(setup):
+    """One sequence over fsdp x expert (2 x 4): every device holds the same tokens, so each sends
+    only its share of the choices (dropless, and into capacity slots) and the partial outputs are
+    summed over the mesh; the logits equal one device's."""
+    import dataclasses
+
+    cfg, ids, seg = setup
+    ids, seg = ids[:1], seg[:1]
+    mesh = make_mesh(MESHES["fsdp x expert"])
+    assert logical_spec(("batch", "seq"), ShardingRules(), mesh, ids.shape) == jax.sharding.PartitionSpec()
+
+    @nnx.jit
+    def logits(model, ids, seg):
+        with sharding.activate(mesh, ShardingRules()):
+            return model(ids, seg).logits
+
+    for capacity_factor in (0.0, 8.0):
+        model = MiMoV2Flash(dataclasses.replace(cfg, moe_capacity_factor=capacity_factor), rngs=nnx.Rngs(0))
+        want = np.asarray(model(ids, seg).logits)
+        shard_model(model, mesh, ShardingRules())
+        np.testing.assert_allclose(np.asarray(logits(model, ids, seg)), want, rtol=1e-4, atol=1e-5)
+
+
 def test_wide_expert_parallelism_splits_experts_over_two_axes_and_tokens_over_the_sequence(setup):
     cfg, ids, _ = setup
     mesh_name, rules = WIDE_EP
