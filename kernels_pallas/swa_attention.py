@@ -469,6 +469,11 @@ def swa_attention(q, k, v, sinks, *, window: int | None, q_positions=None, kv_po
         order_q, order_kv = jnp.broadcast_to(jnp.arange(t_pad), (b, t_pad)), jnp.broadcast_to(jnp.arange(s_pad), (b, s_pad))
     else:
         order_q, order_kv = q_pos_BT, kv_pos_BS
+    # Positions XLA can compute in place (iota: a cache's slots, the default positions) must not fuse
+    # into the per-block min/max below: for v5p at 262,144 keys that fusion aborts libtpu 0.0.42
+    # (fusion_emitter.cc "Check failed: new_window.base_bounds[*data_split_dim] == CeilOfRatio(...)";
+    # docs/scaling.md has the reproduction).
+    order_q, order_kv = jax.lax.optimization_barrier((order_q, order_kv))
     ranges = tuple(jax.lax.stop_gradient(r) for r in _visit_ranges(jnp, order_q, valid_q, order_kv, valid_kv, window, bq, bk))
 
     q5 = jnp.pad(q, ((0, 0), (0, t_pad - t), (0, 0), (0, 0))).reshape(b, t_pad, kv_heads, groups, d).transpose(0, 2, 3, 1, 4)

@@ -2,6 +2,7 @@
 splash attention, and compiled for real TPU chips ahead of time."""
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -176,3 +177,31 @@ def test_compiles_for_tpu_with_mosaic(topology):
     compiled = compile_for_tpu(jax.grad(loss, argnums=(0, 1, 2, 3)), *args, topology=topology)
     assert pallas_kernel_names(compiled) == {"swa_attention_fwd", "swa_attention_dq", "swa_attention_dkv"}
     assert compiled.cost_analysis()["flops"] > 0
+
+
+GLOBAL_PREFILL_AT_262144_KEYS = """
+import jax, jax.numpy as jnp
+from kernels_pallas.swa_attention import swa_attention
+from kernels_pallas.tpu_aot import compile_for_tpu
+
+S, T = 262144, 1024
+def prefill_chunk(q, k, v):  # positions from iota, as a cached call makes them
+    return swa_attention(q, k, v, None, window=None, q_positions=(S - T + jnp.arange(T, dtype=jnp.int32))[None],
+                         kv_positions=jnp.arange(S, dtype=jnp.int32)[None])
+compile_for_tpu(prefill_chunk, jax.ShapeDtypeStruct((1, T, 16, 192), jnp.bfloat16),
+                jax.ShapeDtypeStruct((1, S, 1, 192), jnp.bfloat16), jax.ShapeDtypeStruct((1, S, 1, 128), jnp.bfloat16),
+                topology="v5p")
+print("compiled")
+"""
+
+
+def test_global_attention_over_262144_keys_compiles_for_v5p():
+    """The last 1024-query chunk of a 256k prompt against its whole cache. With iota positions fused
+    into the kernel's per-block min/max, libtpu 0.0.42 aborted the process (SIGABRT in
+    fusion_emitter.cc): hence a subprocess, so a regression fails this test rather than the run."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", GLOBAL_PREFILL_AT_262144_KEYS], capture_output=True, text=True,
+                          timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-2000:]
