@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mimo_jax import plan
+from mimo_jax import plan, sharding
 from mimo_jax.config import load_config
+from mimo_jax.fp8_resident import Fp8Weight
 from mimo_jax.plan import PlanError, parse_topology
 
 pytest.importorskip("libtpu", reason="ahead-of-time TPU compiles need libtpu")
@@ -31,6 +32,8 @@ TINY = ["model.num_layers=4", "model.layer_types=[global, swa, swa, global]", "m
     ("v5litepod-16", 16, "v5e:4x4"),
     ("v6e-64", 64, "v6e:8x8"),
     ("v4-8", 4, "v4:2x2x1"),
+    ("v7x-8", 4, "tpu7x:2x2x1"),  # Ironwood: libtpu spells it tpu7x
+    ("tpu7x-16", 8, "tpu7x:2x2x2"),
     ("v5p:4x4x8", 128, "v5p:4x4x8"),
     ("V5E:2x2", 4, "v5e:2x2"),
 ])
@@ -57,11 +60,11 @@ def test_topology_errors_name_the_problem_and_list_known_slices(name, message):
 def test_known_slice_names_parse_to_libtpu_topologies():
     from kernels_pallas.tpu_aot import tpu_topology
 
-    for name in ("v5p-256", "v5e-128", "v6e-256", "v4-8"):
+    for name in ("v5p-256", "v5e-128", "v6e-256", "v4-8", "v7x-8"):
         topology = parse_topology(name)
         devices = tpu_topology(topology.name).devices
-        # libtpu lists each v4 TensorCore as a device; v5p's megacore is one device per chip.
-        assert len(devices) == topology.chips * (2 if name.startswith("v4") else 1)
+        # libtpu lists each v4 and v7x TensorCore as a device; v5p's megacore is one device per chip.
+        assert len(devices) == topology.chips * (2 if name[:2] in ("v4", "v7") else 1)
 
 
 def test_cli_errors(capsys):
@@ -212,6 +215,32 @@ def test_decode_program_slices_each_layer_from_the_stacked_weights(weights):
     assert not copies, f"{len(copies)} arrays of a period's stacked expert weights: {copies[:4]}"
 
 
+def test_drafting_passes_plan_with_fp8_resident_weights():
+    """--mode draft compiles inference.draft (the MTP heads' passes of a speculative round) with
+    FP8-resident weights; FP8 holds the quantised weights in about half their bf16 bytes per chip."""
+    overrides = ["model.num_layers=2", "model.layer_types=[global, swa]", "model.mlp_types=[dense, moe]",
+                 "model.param_dtype=bfloat16"]
+    out = io.StringIO()
+    assert plan.main(["--config", "configs/tiny.yaml", "--topology", "v5e:2x2", "--mode", "draft", "--num-draft", "3",
+                      "--seq-len", "1024", "--global-batch", "4", "--weights", "fp8", *overrides], out=out) == 0
+    text = out.getvalue()
+    assert "drafting passes; batch 4, 3 MTP heads x 6 positions each" in text and "FP8-resident" in text
+    assert re.search(r"drafting: +[\d.]+ ms for the 3 drafts", text)
+
+    cfg = load_config("configs/tiny.yaml", plan.DEFAULT_OVERRIDES + TINY + ["model.param_dtype=bfloat16"])
+    mesh = plan.build_mesh(cfg, parse_topology("v5e:2x2"))
+    states = {w: dict(nnx.to_flat_state(plan.abstract_state(cfg.model, "decode", w)[1])) for w in (None, "fp8")}
+    quantised = [path for path, var in states["fp8"].items() if isinstance(var.get_value(), Fp8Weight)]
+    assert {path[-1] for path in quantised} == {"q", "k", "v", "gate", "up", "down", "w_gate", "w_up", "w_down"}
+    held = {}
+    for w, state in states.items():
+        part = nnx.from_flat_state([(path, state[path]) for path in quantised])
+        held[w] = plan.bytes_per_device(part, sharding.state_shardings(part, mesh, cfg.sharding))
+    # 1 byte + a 4-byte scale per 128 inputs, against 2 bytes. The tiny model's 64-wide expert inputs
+    # and its one-block scale rows, which fsdp cannot split, cost the scales more than the release's 1/64.
+    assert 0.5 < held["fp8"] / held[None] < 0.6, held
+
+
 def test_chunked_prefill_plan_compiles_the_last_chunk_into_the_cache():
     cfg = load_config("configs/tiny.yaml", plan.DEFAULT_OVERRIDES + TINY)
     topology = parse_topology("v5e:2x2")
@@ -233,7 +262,11 @@ def test_chunked_prefill_plan_compiles_the_last_chunk_into_the_cache():
 def test_inference_cli_errors(capsys):
     base = ["--config", "tiny", "--topology", "v5e:2x2", "--seq-len", "256"]
     assert plan.main(base + ["--num-draft", "2"]) == 2
-    assert "needs --mode decode" in capsys.readouterr().err
+    assert "verify step (--mode decode) or its drafts (--mode draft)" in capsys.readouterr().err
+    assert plan.main(base + ["--mode", "draft"]) == 2
+    assert "--mode draft needs --num-draft in 1..3" in capsys.readouterr().err
+    assert plan.main(base + ["--mode", "train", "--weights", "fp8"]) == 2
+    assert "FP8-resident weights (--weights fp8) are for inference" in capsys.readouterr().err
     assert plan.main(base + ["--mode", "decode", "--num-draft", "4"]) == 2
     assert "--num-draft must be in 0..3" in capsys.readouterr().err
     assert plan.main(base + ["--mode", "prefill", "--prefill-chunk", "512"]) == 2

@@ -12,6 +12,7 @@ from mimo_jax.plan.compiling import (
     SEQ_SHARDED_CACHE,
     PlanResult,
     abstract_cache,
+    abstract_state,
     batch_shards,
     build_mesh,
     build_step,
@@ -46,4 +47,4 @@ from mimo_jax.plan.topology import (
     topology_devices,
 )
 
-__all__ = ['ALIASES', 'CHIPS', 'ChipSpec', 'DEFAULT_OVERRIDES', 'DEFAULT_PREFILL_CHUNK', 'GIB', 'PlanError', 'PlanResult', 'SEARCH_HEADER', 'SEQ_SHARDED_CACHE', 'SHAPES_2D', 'SHAPES_3D', 'Topology', 'abstract_cache', 'batch_shards', 'build_mesh', 'build_step', 'bytes_per_device', 'cache_shardings', 'candidate_meshes', 'compile_plan', 'compile_training_run', 'compile_plan_stub', 'device_share', 'dropless_dispatch_bytes', 'hand_flops_per_token', 'jaxpr_flops', 'known_topologies', 'loss_logits_bytes', 'main', 'mfu', 'parse_topology', 'report', 'search', 'search_row', 'step_query_len', 'topology_devices']
+__all__ = ['ALIASES', 'CHIPS', 'ChipSpec', 'DEFAULT_OVERRIDES', 'DEFAULT_PREFILL_CHUNK', 'GIB', 'PlanError', 'PlanResult', 'SEARCH_HEADER', 'SEQ_SHARDED_CACHE', 'SHAPES_2D', 'SHAPES_3D', 'Topology', 'abstract_cache', 'abstract_state', 'batch_shards', 'build_mesh', 'build_step', 'bytes_per_device', 'cache_shardings', 'candidate_meshes', 'compile_plan', 'compile_training_run', 'compile_plan_stub', 'device_share', 'dropless_dispatch_bytes', 'hand_flops_per_token', 'jaxpr_flops', 'known_topologies', 'loss_logits_bytes', 'main', 'mfu', 'parse_topology', 'report', 'search', 'search_row', 'step_query_len', 'topology_devices']

@@ -1,8 +1,8 @@
 """Pod planning: compile a training, prefill or decode step for a TPU slice ahead of time, on CPU.
 
     python -m mimo_jax.plan --config configs/mimo_v2_flash.yaml --topology v5p-256 \
-        [--seq-len 32768] [--global-batch N] [--mode train|prefill|decode] [--search] [key=value ...]
-        [--prefill-chunk 512] [--num-draft 3]
+        [--seq-len 32768] [--global-batch N] [--mode train|prefill|decode|draft] [--search] [key=value ...]
+        [--prefill-chunk 512] [--num-draft 3] [--weights fp8]
 
 The program is lowered for the slice's devices (libtpu describes them; nothing runs) with the
 Pallas kernels compiled by Mosaic (`model.kernel_mode=mosaic`, `attention_impl=pallas`,
@@ -19,6 +19,9 @@ Modes:
 - `decode`: one decode step with a full KV cache of `--seq-len` tokens: 1 token per sequence, or
   with `--num-draft D` the speculative verify step (D + 1 tokens through the main model; the cache
   then also holds the MTP heads' rings, but the D drafting passes are not in the program).
+- `draft` (with `--num-draft D`): those D drafting passes, `mimo_jax.inference.draft` as
+  `generate(..., speculative=True)` runs it: each MTP head on 2D positions and the lm_head at the
+  last. A speculative round is this step plus the verify step.
 The cached modes run the model's own cached call (`model(ids, positions_BT=..., cache=...)`), the
 cache sharded by the `cache_*` rules and donated (updated in place).
 
@@ -52,7 +55,7 @@ def main(argv: Sequence[str] | None = None, out=sys.stdout) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--config", default="configs/mimo_v2_flash.yaml", help="YAML preset or file")
     parser.add_argument("--topology", required=True, help="v5p-256, v5e-64, v5p:4x4x8, ...")
-    parser.add_argument("--mode", choices=("train", "prefill", "decode"), default="train")
+    parser.add_argument("--mode", choices=("train", "prefill", "decode", "draft"), default="train")
     parser.add_argument("--seq-len", type=int, default=32768,
                         help="tokens per sequence (train) or the KV cache's length (prefill, decode)")
     parser.add_argument("--global-batch", type=int, default=None,
@@ -61,7 +64,7 @@ def main(argv: Sequence[str] | None = None, out=sys.stdout) -> int:
                         help=f"prefill: tokens per chunk (default {DEFAULT_PREFILL_CHUNK}, at most --seq-len)")
     parser.add_argument("--num-draft", type=int, default=0,
                         help="decode: plan the speculative verify step of this many MTP drafts + 1 (default 0: "
-                             "plain decoding, 1 token)")
+                             "plain decoding, 1 token); draft: the MTP passes that make these drafts")
     parser.add_argument("--weights", choices=("fp8",), default=None,
                         help="inference: FP8-resident weights, as load_hf(..., weights='fp8') / serve.py --weights fp8 "
                              "keep them (default: every weight in model.param_dtype)")
@@ -78,6 +81,8 @@ def main(argv: Sequence[str] | None = None, out=sys.stdout) -> int:
     args = parser.parse_args(argv)
     if args.cost_model and args.search:
         parser.error("--cost-model costs one plan: run it on the plan --search finds")
+    if args.mode == "draft" and (args.search or args.cost_model):
+        parser.error("--mode draft compiles the drafting passes as they are: no --search or --cost-model")
 
 
     jax.config.update("jax_platforms", "cpu")  # the program is compiled for TPU; nothing runs here

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from mimo_jax import sharding
+from mimo_jax import inference, sharding
 from mimo_jax.config import ConfigError
 from mimo_jax.flops import hand_flops_per_token, jaxpr_flops
 from mimo_jax.hf_io import fp8_resident_params
@@ -182,7 +182,8 @@ def compile_plan(cfg, topology: Topology, mode: str, seq_len: int, global_batch:
     result = PlanResult(mode=mode, topology=topology.name, chips=topology.chips, devices=devices,
                         mesh=dict(mesh.shape), remat=model_cfg.remat, capacity_factor=model_cfg.moe_capacity_factor,
                         global_batch=batch, seq_len=seq_len, query_len=query_len, num_draft=num_draft,
-                        weights=weights or model_cfg.param_dtype, hand=hand_flops_per_token(model_cfg, seq_len, mode, query_len))
+                        weights=weights or model_cfg.param_dtype,
+                        hand={} if mode == "draft" else hand_flops_per_token(model_cfg, seq_len, mode, query_len))
     if batch % shards:
         result.notes.append(f"global batch {batch} does not divide over the {shards} batch shards "
                             f"({'x'.join(rules.batch)}): the batch is replicated, every device computes it all")
@@ -193,10 +194,14 @@ def compile_plan(cfg, topology: Topology, mode: str, seq_len: int, global_batch:
     step, args, state = build(cfg, mesh, mode, batch, seq_len, query_len, num_draft)
     result.params_bytes, result.opt_bytes, result.cache_bytes, result.rest_bytes = (
         state["params"], state.get("opt_state", 0), state.get("cache", 0), state["rest"])
+    if mode == "draft":
+        result.notes.append(f"the {num_draft} MTP drafting passes of a speculative round ({query_len} positions "
+                            f"per head, then the lm_head at the last): add the verify step (--mode decode "
+                            f"--num-draft {num_draft}) for a round")
     if mode != "train":
         result.cache_seq = rules.cache_seq
         result.cache_spec = state["cache_spec"]
-        if num_draft:
+        if num_draft and mode == "decode":
             result.notes.append(f"verify step: {query_len} tokens per sequence through the main model; the cache "
                                 f"holds the MTP heads' rings too, but the {num_draft} drafting passes are not compiled")
 
@@ -244,6 +249,13 @@ def build_step(cfg, mesh, mode: str, batch: int, seq_len: int, query_len: int, n
         args = (_with_shardings(params, shardings["params"]), _with_shardings(opt_state, shardings["opt_state"]),
                 _with_shardings(rest, shardings["rest"]), ids, ids)
         state["opt_state"] = bytes_per_device(opt_state, shardings["opt_state"])
+    elif mode == "draft":
+        step, shardings, decode_state = _sharded_draft_step(graphdef, params, rest, model_cfg, mesh, rules, batch,
+                                                            seq_len, num_draft)
+        args = (_with_shardings(params, shardings["params"]), _with_shardings(rest, shardings["rest"]),
+                _with_shardings(decode_state, shardings["state"]))
+        state["cache"] = bytes_per_device(decode_state.cache, shardings["state"].cache)
+        state["cache_spec"] = _largest_cache_buffer(decode_state.cache, shardings["state"].cache)
     else:
         cache = abstract_cache(model_cfg, batch, seq_len, num_draft)
         logits_at = 1 if mode == "prefill" else query_len
@@ -253,8 +265,7 @@ def build_step(cfg, mesh, mode: str, batch: int, seq_len: int, query_len: int, n
         args = (_with_shardings(params, shardings["params"]), _with_shardings(rest, shardings["rest"]),
                 _with_shardings(cache, shardings["cache"]), ids, ids)
         state["cache"] = bytes_per_device(cache, shardings["cache"])
-        largest = max(zip(jax.tree.leaves(cache), jax.tree.leaves(shardings["cache"])), key=lambda c: c[0].size)
-        state["cache_spec"] = f"{list(largest[0].shape)} as {largest[1].spec}"
+        state["cache_spec"] = _largest_cache_buffer(cache, shardings["cache"])
     state["params"] = bytes_per_device(params, shardings["params"])
     state["rest"] = bytes_per_device(rest, shardings["rest"])
     return step, args, state
@@ -335,8 +346,16 @@ def device_share(result: PlanResult, topology: Topology) -> float:
 
 
 def step_query_len(mode: str, seq_len: int, prefill_chunk: int | None, num_draft: int, model_cfg) -> int:
+    if mode == "draft":
+        if prefill_chunk is not None:
+            raise PlanError("--prefill-chunk needs --mode prefill")
+        try:
+            model_cfg.check_num_draft(num_draft)
+        except ValueError as e:
+            raise PlanError(f"--mode draft needs --num-draft in 1..{model_cfg.num_mtp_heads}: {e}") from None
+        return 2 * num_draft  # each head rewrites positions p - 2D + 1 .. p (mimo_jax.inference.draft)
     if num_draft and mode != "decode":
-        raise PlanError("--num-draft plans the speculative verify step: it needs --mode decode")
+        raise PlanError("--num-draft plans the speculative verify step (--mode decode) or its drafts (--mode draft)")
     if prefill_chunk is not None and mode != "prefill":
         raise PlanError("--prefill-chunk needs --mode prefill")
     if mode == "train":
@@ -355,7 +374,7 @@ def step_query_len(mode: str, seq_len: int, prefill_chunk: int | None, num_draft
         if num_draft + 1 > seq_len:
             raise PlanError(f"--seq-len {seq_len} is shorter than the {num_draft + 1} tokens of a step")
         return num_draft + 1
-    raise PlanError(f"unknown mode {mode!r} (train, prefill or decode)")
+    raise PlanError(f"unknown mode {mode!r} (train, prefill, decode or draft)")
 
 
 def abstract_cache(model_cfg, batch: int, seq_len: int, num_draft: int = 0):
@@ -379,6 +398,35 @@ def cache_shardings(cache, mesh, rules):
         layers=jax.tree.map(kv, cache.layers), ring_positions=positions(cache.ring_positions),
         mtp=None if cache.mtp is None else jax.tree.map(kv, cache.mtp),
         mtp_positions=None if cache.mtp_positions is None else positions(cache.mtp_positions))
+
+
+def _largest_cache_buffer(cache, cache_shardings) -> str:
+    largest = max(zip(jax.tree.leaves(cache), jax.tree.leaves(cache_shardings)), key=lambda c: c[0].size)
+    return f"{list(largest[0].shape)} as {largest[1].spec}"
+
+
+def _sharded_draft_step(graphdef, params, rest, model_cfg, mesh, rules, batch: int, seq_len: int, num_draft: int):
+    """`mimo_jax.inference.draft` on a decode state of `batch` sequences with `seq_len`-token caches
+    (the MTP heads' rings included): the drafting half of a speculative round. The state's per-row
+    arrays split by the cache_batch rule, the cache by the cache rules; the state is donated."""
+    decode_state = jax.eval_shape(lambda: inference.new_state(abstract_model(model_cfg), batch, seq_len,
+                                                              num_draft=num_draft))
+
+    def by_rows(x):
+        axes = ("cache_batch",) + (None,) * (len(x.shape) - 1)
+        return NamedSharding(mesh, logical_spec(axes, rules, mesh, x.shape))
+
+    state_shardings = jax.tree.map(by_rows, decode_state).replace(cache=cache_shardings(decode_state.cache, mesh, rules))
+    shardings = {"params": sharding.state_shardings(params, mesh, rules),
+                 "rest": sharding.state_shardings(rest, mesh, rules), "state": state_shardings}
+
+    def step(params, rest, decode_state):
+        with sharding.activate(mesh, rules):
+            return inference.draft(nnx.merge(graphdef, params, rest), decode_state, num_draft)
+
+    jitted = jax.jit(step, in_shardings=(shardings["params"], shardings["rest"], state_shardings),
+                     out_shardings=state_shardings, donate_argnums=(2,), keep_unused=True)
+    return jitted, shardings, decode_state
 
 
 def _sharded_cached_step(graphdef, params, rest, cache, mesh, rules, batch_shape, logits_at: int, vocab: int):

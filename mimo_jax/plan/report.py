@@ -43,6 +43,9 @@ def _describe_step(result: PlanResult) -> str:
         first = result.seq_len - result.query_len
         return (f"prefill chunk; batch {b} x {result.query_len} tokens (positions {first:,}..{result.seq_len - 1:,}, "
                 f"the last chunk of a {result.seq_len:,}-token prompt) = {result.tokens:,} tokens per step")
+    if result.mode == "draft":
+        return (f"drafting passes; batch {b}, {result.num_draft} MTP heads x {result.query_len} positions each, with "
+                f"KV caches of {result.seq_len:,} tokens per sequence")
     kind = f"verify step ({result.num_draft} drafts + 1)" if result.num_draft else "decode step"
     return (f"{kind}; batch {b} x {result.query_len} token{'s' * (result.query_len > 1)} = {result.tokens:,} "
             f"tokens per step, with a full KV cache of {result.seq_len:,} tokens per sequence")
@@ -121,7 +124,12 @@ def report(result: PlanResult, topology: Topology, out=sys.stdout) -> None:
         chunks = -(-result.seq_len // result.query_len)
         p(f"throughput:      >= {low:,.0f} prompt tokens/s (this is the costliest chunk); a {result.seq_len:,}-token "
           f"prompt takes <= {chunks} chunks x {result.step_seconds:.3g} s = {chunks * result.step_seconds:.3g} s")
+    elif result.mode == "draft":
+        p(f"drafting:        {result.step_seconds * 1e3:.3g} ms for the {result.num_draft} drafts of every sequence "
+          f"(a speculative round is this plus the verify step)")
     hand = result.hand
+    if not hand:  # the drafting passes have no hand count
+        return
     p(f"model flops/token (hand): {hand['total']:.4g} = {'6' if result.mode == 'train' else '2'} x "
       f"{hand['weights'] / 1e9:.3f}B params ({hand['weight_flops']:.4g}) + attention {hand['attention_flops']:.4g} "
       f"[causal-exact attention: {hand['attention_flops_causal']:.4g}, total {hand['total_causal']:.4g}]")

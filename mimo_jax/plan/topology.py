@@ -12,7 +12,8 @@ GIB = 2**30
 @dataclasses.dataclass(frozen=True)
 class ChipSpec:
     """Published per-chip figures (bf16 dense peak, HBM capacity and bandwidth, ICI bandwidth; the
-    v4 and v6e ICI figures are assumed from their generations' links, the others are Cloud TPU's)."""
+    v4 and v6e ICI figures are assumed from their generations' links, the others are Cloud TPU's;
+    v7x (TPU7x, Ironwood) from Cloud TPU's TPU7x page)."""
 
     generation: str
     hbm_gib: float
@@ -23,6 +24,7 @@ class ChipSpec:
     max_chips: int  # the largest single slice
     ici_gbps: float  # bidirectional inter-chip interconnect GB/s per chip, over all its links
     ici_links: int  # ICI ports per chip
+    libtpu_generation: str = ""  # the generation as libtpu's topology names spell it, when it differs
 
 
 CHIPS = {
@@ -30,8 +32,10 @@ CHIPS = {
     "v5p": ChipSpec("v5p", 95, 459, 2765, 2, 3, 8960, 1200, 6),
     "v5e": ChipSpec("v5e", 16, 197, 819, 1, 2, 256, 400, 4),
     "v6e": ChipSpec("v6e", 32, 918, 1640, 1, 2, 256, 800, 4),
+    # Ironwood: two TensorCores (libtpu devices) per chip, like v4 / v5p; "v7x-8" is 4 chips.
+    "v7x": ChipSpec("v7x", 192, 2307, 7380, 2, 3, 9216, 1200, 4, libtpu_generation="tpu7x"),
 }
-ALIASES = {"v5litepod": "v5e", "v6litepod": "v6e", "v5lite": "v5e"}
+ALIASES = {"v5litepod": "v5e", "v6litepod": "v6e", "v5lite": "v5e", "tpu7x": "v7x"}
 
 # Slice shapes by chip count. libtpu describes hosts of 2x2x1 chips, so 4 chips is the smallest.
 SHAPES_2D = {4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
@@ -55,8 +59,8 @@ class Topology:
 
     @property
     def name(self) -> str:
-        """The name libtpu's topology description takes, e.g. "v5p:4x4x8"."""
-        return f"{self.chip.generation}:{'x'.join(map(str, self.shape))}"
+        """The name libtpu's topology description takes, e.g. "v5p:4x4x8" or "tpu7x:2x2x1"."""
+        return f"{self.chip.libtpu_generation or self.chip.generation}:{'x'.join(map(str, self.shape))}"
 
 
 def known_topologies() -> list[str]:
