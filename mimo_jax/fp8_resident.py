@@ -47,10 +47,13 @@ class Fp8Weight:
         return (self.values.astype(jnp.float32) * scale).astype(dtype)
 
 
-def weight(variable, dtype) -> jax.Array:
-    """A parameter's value in `dtype`, dequantised if it is FP8-resident."""
+def weight(variable, dtype, keep_fp8: bool = False):
+    """A parameter's value in `dtype`, dequantised if it is FP8-resident, unless `keep_fp8` (a
+    consumer that dequantises it itself, as the Pallas grouped matmul does): then the `Fp8Weight`."""
     value = variable.get_value()
-    return value.dequantize(dtype) if isinstance(value, Fp8Weight) else value.astype(dtype)
+    if isinstance(value, Fp8Weight):
+        return value if keep_fp8 else value.dequantize(dtype)
+    return value.astype(dtype)
 
 
 def scale_shape(shape: tuple[int, ...], in_axis: int) -> tuple[int, ...]:

@@ -118,8 +118,8 @@ class LayerSegment(nnx.Module):
 
                 def layer(carry, j, graphdef=graphdef, stack=stack):
                     x, cache = carry
-                    layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[p, j], stack))
-                    x, stats, layer_cache = layer(x, positions_BT, segment_ids_BT, jax.tree.map(lambda a: a[p, j], cache), step)
+                    module = nnx.merge(graphdef, jax.tree.map(lambda a: a[p, j], stack))
+                    x, stats, layer_cache = module(x, positions_BT, segment_ids_BT, jax.tree.map(lambda a: a[p, j], cache), step)
                     cache = jax.tree.map(lambda whole, new: whole.at[p, j].set(new), cache, layer_cache)
                     return (sharding.constrain(x, ACTIVATION_AXES), cache), stats
 

@@ -258,8 +258,7 @@ class MoE(nnx.Module):
         b, t, d = x_BTD.shape
         impl = self.cfg.resolved_moe_impl
         # The Pallas grouped matmul dequantises FP8-resident experts per block; the others take them dequantised.
-        w = tuple(v.get_value() if impl == "pallas" and isinstance(v.get_value(), Fp8Weight) else weight(v, dt)
-                  for v in (self.w_gate, self.w_up, self.w_down))
+        w = tuple(weight(v, dt, keep_fp8=impl == "pallas") for v in (self.w_gate, self.w_up, self.w_down))
         weights_BTk, experts_BTk, scores_BTE = route(x_BTD.reshape(b * t, d), self.router[...], self.bias[...], self.cfg)
         weights_BTk, experts_BTk = weights_BTk.reshape(b, t, -1), experts_BTk.reshape(b, t, -1)
         stats = router_stats(scores_BTE.reshape(b, t, -1), experts_BTk, self.cfg.num_experts, segment_ids_BT)

@@ -203,7 +203,8 @@ def compile_plan(cfg, topology: Topology, mode: str, seq_len: int, global_batch:
         result.cache_spec = state["cache_spec"]
         if num_draft and mode == "decode":
             result.notes.append(f"verify step: {query_len} tokens per sequence through the main model; the cache "
-                                f"holds the MTP heads' rings too, but the {num_draft} drafting passes are not compiled")
+                                f"holds the MTP heads' rings too, but the {num_draft} drafting passes are not compiled "
+                                f"(--mode draft compiles them)")
 
     t0 = time.perf_counter()
     traced = step.trace(*args)
@@ -400,6 +401,10 @@ def cache_shardings(cache, mesh, rules):
         mtp_positions=None if cache.mtp_positions is None else positions(cache.mtp_positions))
 
 
+def _model_shardings(params, rest, mesh, rules) -> dict:
+    return {"params": sharding.state_shardings(params, mesh, rules), "rest": sharding.state_shardings(rest, mesh, rules)}
+
+
 def _largest_cache_buffer(cache, cache_shardings) -> str:
     largest = max(zip(jax.tree.leaves(cache), jax.tree.leaves(cache_shardings)), key=lambda c: c[0].size)
     return f"{list(largest[0].shape)} as {largest[1].spec}"
@@ -417,8 +422,7 @@ def _sharded_draft_step(graphdef, params, rest, model_cfg, mesh, rules, batch: i
         return NamedSharding(mesh, logical_spec(axes, rules, mesh, x.shape))
 
     state_shardings = jax.tree.map(by_rows, decode_state).replace(cache=cache_shardings(decode_state.cache, mesh, rules))
-    shardings = {"params": sharding.state_shardings(params, mesh, rules),
-                 "rest": sharding.state_shardings(rest, mesh, rules), "state": state_shardings}
+    shardings = {**_model_shardings(params, rest, mesh, rules), "state": state_shardings}
 
     def step(params, rest, decode_state):
         with sharding.activate(mesh, rules):
@@ -434,8 +438,7 @@ def _sharded_cached_step(graphdef, params, rest, cache, mesh, rules, batch_shape
     last `logits_at` positions ([B, logits_at, V], fp32) and the updated cache (donated)."""
 
     shardings = {
-        "params": sharding.state_shardings(params, mesh, rules),
-        "rest": sharding.state_shardings(rest, mesh, rules),
+        **_model_shardings(params, rest, mesh, rules),
         "cache": cache_shardings(cache, mesh, rules),
         "batch": NamedSharding(mesh, sharding.logical_spec(("batch", "seq"), rules, mesh, batch_shape)),
     }
