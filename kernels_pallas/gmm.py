@@ -21,6 +21,9 @@ is a static grid bound; the real count is data dependent. The arrays are:
     visit_group  [num_m_tiles + num_groups]  group of each grid step
     visit_counts [2]  (visits that multiply, visits that are real)
 
+`gmm` prefetches one more array, `rhs_layer`: the index of the layer read from a stacked rhs (a
+lone 0 for an unstacked one, which the kernel views with one leading axis of size 1).
+
 Steps past the real visits repeat the last real visit, so their block indices do not change (no
 DMA), and `pl.when` skips their compute and stores.
 
@@ -34,6 +37,7 @@ so an empty group gets one visit that stores zeros, pinned to the m-tile the pre
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -138,7 +142,7 @@ def _dequantized_block(rhs_ref, scale_ref, k_i, compute_dtype):
 
 
 def _gmm_kernel(
-    group_bounds, visit_tile, visit_group, visit_counts,  # scalar prefetch (SMEM)
+    group_bounds, visit_tile, visit_group, visit_counts, rhs_layer,  # scalar prefetch (SMEM)
     lhs_ref, rhs_ref, *refs,
     tm: int, tiles_k: int, transpose_rhs: bool, compute_dtype, scaled: bool,
 ):
@@ -183,12 +187,18 @@ def _gmm_kernel(
             out_ref[...] = jnp.where(mask, acc_ref[...], kept).astype(out_ref.dtype)
 
 
-def _gmm_call(lhs_MK, rhs, group_sizes_G, tiling, transpose_rhs: bool, out_dtype, interpret, rhs_scale=None):
+def _gmm_call(lhs_MK, rhs, group_sizes_G, tiling, transpose_rhs: bool, out_dtype, interpret, rhs_scale=None,
+              rhs_layer=None):
     """The pallas_call; rhs is [G, K, N], or [G, N, K] when transpose_rhs; FP8 values with
-    `rhs_scale` [G, ceil(K / 128), N] (not transposed)."""
+    `rhs_scale` [G, ceil(K / 128), N] (not transposed). With `rhs_layer` (int32 [L]), rhs and
+    rhs_scale carry L leading stack axes and the blocks are read from that layer of the stack."""
+    if rhs_layer is None:
+        rhs_layer = jnp.zeros(1, jnp.int32)
+        rhs, rhs_scale = rhs[None], None if rhs_scale is None else rhs_scale[None]
+    stack_dims = rhs_layer.shape[0]
     m, k = lhs_MK.shape
-    num_groups = rhs.shape[0]
-    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    num_groups = rhs.shape[stack_dims]
+    n = rhs.shape[-2] if transpose_rhs else rhs.shape[-1]
     if m == 0 or k == 0 or n == 0:
         return jnp.zeros((m, n), out_dtype)
     tm = _row_tile(m, tiling[0], lhs_MK.dtype, out_dtype)
@@ -204,30 +214,33 @@ def _gmm_call(lhs_MK, rhs, group_sizes_G, tiling, transpose_rhs: bool, out_dtype
         held = step > last
         return jnp.maximum(jnp.minimum(step, last), 0), jnp.where(held, last_k, k_i)
 
-    def lhs_index(n_i, step, k_i, group_bounds, visit_tile, visit_group, visit_counts):
+    def lhs_index(n_i, step, k_i, group_bounds, visit_tile, visit_group, visit_counts, layer):
         visit, k_i = operand_visit(step, k_i, visit_counts)
         return visit_tile[visit], k_i
 
-    def rhs_index(n_i, step, k_i, group_bounds, visit_tile, visit_group, visit_counts):
+    def rhs_index(n_i, step, k_i, group_bounds, visit_tile, visit_group, visit_counts, layer):
         visit, k_i = operand_visit(step, k_i, visit_counts)
         # With no multiplying visit at all, visit 0 is the padding group: clamp to a real expert.
         group = jnp.minimum(visit_group[visit], num_groups - 1)
-        return (group, n_i, k_i) if transpose_rhs else (group, k_i, n_i)
+        stack_index = tuple(layer[i] for i in range(stack_dims))
+        return stack_index + ((group, n_i, k_i) if transpose_rhs else (group, k_i, n_i))
 
-    def out_index(n_i, step, k_i, group_bounds, visit_tile, visit_group, visit_counts):
+    def out_index(n_i, step, k_i, group_bounds, visit_tile, visit_group, visit_counts, layer):
         return visit_tile[step], n_i
 
-    def scale_index(n_i, step, k_i, *plan_refs):
-        group, _, n_i = rhs_index(n_i, step, k_i, *plan_refs)
-        return group, 0, n_i
+    def scale_index(n_i, step, k_i, *prefetch_refs):
+        *stack_index, group, _, n_i = rhs_index(n_i, step, k_i, *prefetch_refs)
+        return *stack_index, group, 0, n_i
 
-    rhs_block = (None, tn, tk) if transpose_rhs else (None, tk, tn)
+    layers = math.prod(rhs.shape[:stack_dims])  # only one layer of the stack is read
+    rhs_block = (None,) * (stack_dims + 1) + ((tn, tk) if transpose_rhs else (tk, tn))
     out_bytes = tiles_m * tm * n * jnp.dtype(out_dtype).itemsize
     cost = pl.CostEstimate(
         flops=2 * m * k * n,
         transcendentals=0,
         # lhs is streamed once per n-tile; every expert's weights are read about once.
-        bytes_accessed=lhs_MK.nbytes * tiles_n + rhs.nbytes + out_bytes + (0 if rhs_scale is None else rhs_scale.nbytes),
+        bytes_accessed=lhs_MK.nbytes * tiles_n + out_bytes
+        + (rhs.nbytes + (0 if rhs_scale is None else rhs_scale.nbytes)) // layers,
     )
     scaled = rhs_scale is not None
     kernel = functools.partial(
@@ -237,13 +250,13 @@ def _gmm_call(lhs_MK, rhs, group_sizes_G, tiling, transpose_rhs: bool, out_dtype
     in_specs = [pl.BlockSpec((tm, tk), lhs_index), pl.BlockSpec(rhs_block, rhs_index)]
     operands = [_pad_rows(lhs_MK, tiles_m * tm), rhs]
     if scaled:
-        in_specs.append(pl.BlockSpec((None, rhs_scale.shape[1], tn), scale_index))
+        in_specs.append(pl.BlockSpec((None,) * (stack_dims + 1) + (rhs_scale.shape[-2], tn), scale_index))
         operands.append(rhs_scale.astype(jnp.float32))
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((tiles_m * tm, n), out_dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=4,
+            num_scalar_prefetch=5,
             grid=(tiles_n, plan.visit_tile.shape[0], tiles_k),
             in_specs=in_specs,
             out_specs=pl.BlockSpec((tm, tn), out_index),
@@ -254,7 +267,7 @@ def _gmm_call(lhs_MK, rhs, group_sizes_G, tiling, transpose_rhs: bool, out_dtype
         cost_estimate=cost,
         interpret=interpret,
         name="gmm_transposed_rhs" if transpose_rhs else "gmm_fp8" if scaled else "gmm",
-    )(*plan, *operands)
+    )(*plan, rhs_layer.astype(jnp.int32), *operands)
     return out[:m]
 
 
@@ -388,6 +401,7 @@ def gmm(
     preferred_element_type: Any = None,
     interpret: Any = False,
     rhs_scale: jax.Array | None = None,
+    rhs_layer: jax.Array | None = None,
 ) -> jax.Array:
     """Grouped matmul: rows [start_g, end_g) of lhs [M, K] times rhs[g]; returns [M, N].
 
@@ -404,23 +418,33 @@ def gmm(
     each 128-row block of K per output column (`mimo_jax.fp8_resident.Fp8Weight`). Each rhs block
     is dequantised in VMEM (fp8 -> fp32 x scale -> lhs.dtype), so the weights are read from HBM as
     FP8 and no dequantised copy exists. Forward only (inference): not differentiable.
+
+    Stacked weights: with `rhs_layer` (int32 [L]), rhs (and rhs_scale) carry L leading axes, e.g.
+    [periods, layers, G, K, N], and the kernel reads the groups of rhs[*rhs_layer] where they lie in
+    the stack, so a layer loop does not first copy its layer's slice out. Forward only.
     """
-    _check(lhs_MK, rhs, group_sizes_G, 3, "gmm")
+    stack_dims = 0 if rhs_layer is None else rhs_layer.shape[0]
+    if rhs_layer is not None and (rhs_layer.ndim != 1 or not jnp.issubdtype(rhs_layer.dtype, jnp.integer)):
+        raise ValueError(f"gmm: rhs_layer must be a 1-D integer array, got {rhs_layer.dtype}{rhs_layer.shape}")
+    _check(lhs_MK, rhs, group_sizes_G, 3 + stack_dims, "gmm")
     k = lhs_MK.shape[1]
-    rhs_k = rhs.shape[2] if transpose_rhs else rhs.shape[1]
+    layer_shape = rhs.shape[stack_dims:]
+    rhs_k = layer_shape[2] if transpose_rhs else layer_shape[1]
     if rhs_k != k:
         raise ValueError(f"gmm: contraction mismatch, lhs {lhs_MK.shape} rhs {rhs.shape} transpose_rhs={transpose_rhs}")
-    if group_sizes_G.shape[0] != rhs.shape[0]:
-        raise ValueError(f"gmm: {group_sizes_G.shape[0]} group sizes for {rhs.shape[0]} rhs groups")
+    if group_sizes_G.shape[0] != layer_shape[0]:
+        raise ValueError(f"gmm: {group_sizes_G.shape[0]} group sizes for {layer_shape[0]} rhs groups")
     out_dtype = jnp.dtype(preferred_element_type or lhs_MK.dtype)
+    group_sizes_G = group_sizes_G.astype(jnp.int32)
     if rhs_scale is not None:
-        want = (rhs.shape[0], pl.cdiv(k, FP8_BLOCK), rhs.shape[2])
+        want = rhs.shape[:stack_dims] + (layer_shape[0], pl.cdiv(k, FP8_BLOCK), layer_shape[2])
         if transpose_rhs or rhs_scale.shape != want:
             raise ValueError(f"gmm: rhs_scale {rhs_scale.shape} for rhs {rhs.shape} (transpose_rhs={transpose_rhs}); "
                              f"expected {want} with transpose_rhs=False")
-        return _gmm_call(lhs_MK, rhs, group_sizes_G.astype(jnp.int32), tuple(tiling), False, out_dtype, interpret,
-                         rhs_scale)
-    return _gmm_vjp(lhs_MK, rhs, group_sizes_G.astype(jnp.int32), tuple(tiling), bool(transpose_rhs), out_dtype, interpret)
+    if rhs_scale is not None or rhs_layer is not None:
+        return _gmm_call(lhs_MK, rhs, group_sizes_G, tuple(tiling), bool(transpose_rhs), out_dtype, interpret,
+                         rhs_scale, rhs_layer)
+    return _gmm_vjp(lhs_MK, rhs, group_sizes_G, tuple(tiling), bool(transpose_rhs), out_dtype, interpret)
 
 
 def tgmm(

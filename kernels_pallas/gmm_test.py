@@ -200,6 +200,27 @@ def test_gmm_with_fp8_weights_matches_the_dequantised_weights(problem):
     assert not np.any(np.asarray(out[int(group_sizes.sum()):], np.float32))
 
 
+def test_gmm_reads_one_layer_of_stacked_weights_in_place():
+    """With `rhs_layer`, rhs [periods, layers, G, K, N] (and FP8 scales stacked alike) is read at
+    that layer: the same numbers as the kernel on the layer's slice, for every layer of the stack."""
+    config = FP8_CONFIGS[0]
+    group_sizes = jnp.array([20, 0, 7, 17, 0], jnp.int32)
+    stacked = [fp8_weights(config, seed) for seed in range(6)]
+    values, scale, dequantised = (jnp.stack(parts).reshape((2, 3) + parts[0].shape) for parts in zip(*stacked))
+    (lhs,) = random_inputs(config, (config.M, config.K))
+
+    @jax.jit
+    def both(layer):
+        kw = dict(tiling=config.tiling, interpret=TPU_INTERPRET, rhs_layer=layer)
+        return gmm(lhs, dequantised, group_sizes, **kw), gmm(lhs, values, group_sizes, rhs_scale=scale, **kw)
+
+    for p, j in [(0, 0), (1, 2), (0, 1)]:
+        plain, fp8 = both(jnp.array([p, j], jnp.int32))
+        np.testing.assert_array_equal(plain, kernel_forward(lhs, dequantised[p, j], group_sizes, tiling=config.tiling,
+                                                             transpose_rhs=False))
+        np.testing.assert_array_equal(fp8, kernel_fp8(lhs, values[p, j], scale[p, j], group_sizes, tiling=config.tiling))
+
+
 @pytest.mark.parametrize(
     "group_sizes, tm, padding_group",
     [([3, 0, 20, 1, 10], 8, True), ([3, 0, 20, 1, 10], 8, False), ([0, 0, 0], 8, True), ([0, 0, 0], 8, False),
@@ -269,6 +290,10 @@ def test_bad_arguments():
         gmm(lhs, rhs, jnp.array([4.0, 4.0]), interpret=True)
     with pytest.raises(ValueError, match=r"rhs_scale \(2, 2, 128\) .* expected \(2, 1, 128\)"):
         gmm(lhs, rhs, jnp.array([4, 4]), rhs_scale=jnp.ones((2, 2, 128)), interpret=True)
+    with pytest.raises(ValueError, match=r"expected lhs \[M, K\] and a 4-D rhs"):
+        gmm(lhs, rhs, jnp.array([4, 4]), rhs_layer=jnp.array([0]), interpret=True)
+    with pytest.raises(ValueError, match="rhs_layer must be a 1-D integer array"):
+        gmm(lhs, rhs[None], jnp.array([4, 4]), rhs_layer=jnp.array([0.0]), interpret=True)
 
 
 @pytest.mark.parametrize("topology", ["v5e", "v5p"])
@@ -280,8 +305,8 @@ def test_aot_compiles_for_tpu(topology):
     def loss(lhs, rhs, group_sizes):
         return gmm(lhs, rhs, group_sizes).astype(jnp.float32).sum()
 
-    def fp8_forward(lhs, values, scale, group_sizes):
-        return gmm(lhs, values, group_sizes, rhs_scale=scale)
+    def fp8_forward(lhs, values, scale, group_sizes, rhs_layer=None):
+        return gmm(lhs, values, group_sizes, rhs_scale=scale, rhs_layer=rhs_layer)
 
     m, k, n, g = 512, 1024, 512, 8
     lhs, group_sizes = jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((g,), jnp.int32)
@@ -291,4 +316,10 @@ def test_aot_compiles_for_tpu(topology):
     assert compiled.cost_analysis()["flops"] >= 3 * 2 * m * k * n
     compiled = compile_for_tpu(fp8_forward, lhs, jax.ShapeDtypeStruct((g, k, n), jnp.float8_e4m3fn),
                                jax.ShapeDtypeStruct((g, k // 128, n), jnp.float32), group_sizes, topology=topology)
+    assert pallas_kernel_names(compiled) == {"gmm_fp8"}
+    # A layer of stacked FP8 weights [periods, layers, G, K, N], picked by a traced index.
+    compiled = compile_for_tpu(lambda *args: fp8_forward(*args[:-1], rhs_layer=args[-1]), lhs,
+                               jax.ShapeDtypeStruct((2, 3, g, k, n), jnp.float8_e4m3fn),
+                               jax.ShapeDtypeStruct((2, 3, g, k // 128, n), jnp.float32), group_sizes,
+                               jax.ShapeDtypeStruct((2,), jnp.int32), topology=topology)
     assert pallas_kernel_names(compiled) == {"gmm_fp8"}

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from mimo_jax.fp8 import BLOCK
+from mimo_jax.layer_view import LayerView
 
 
 @jax.tree_util.register_dataclass
@@ -47,12 +48,22 @@ class Fp8Weight:
         return (self.values.astype(jnp.float32) * scale).astype(dtype)
 
 
-def weight(variable, dtype, keep_fp8: bool = False):
-    """A parameter's value in `dtype`, dequantised if it is FP8-resident, unless `keep_fp8` (a
-    consumer that dequantises it itself, as the Pallas grouped matmul does): then the `Fp8Weight`."""
-    value = variable.get_value()
+def weight(variable, dtype, in_kernel: bool = False):
+    """A parameter's value as a matmul operand in `dtype` (see `operand`)."""
+    return operand(variable.get_value(), dtype, in_kernel)
+
+
+def operand(value, dtype, in_kernel: bool = False):
+    """`value` in `dtype`: dequantised if it is FP8-resident, sliced out of its stack if it is a
+    `LayerView`. With `in_kernel` (a consumer that dequantises FP8 blocks and indexes stacks
+    itself, as the Pallas grouped matmul does) an `Fp8Weight` or a `LayerView` of one, or of an
+    array already in `dtype`, comes back as it is."""
+    if isinstance(value, LayerView):
+        if in_kernel and (isinstance(value.stack, Fp8Weight) or value.dtype == dtype):
+            return value
+        value = value.materialize()
     if isinstance(value, Fp8Weight):
-        return value if keep_fp8 else value.dequantize(dtype)
+        return value if in_kernel else value.dequantize(dtype)
     return value.astype(dtype)
 
 

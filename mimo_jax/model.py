@@ -9,8 +9,10 @@ from flax import nnx
 
 from mimo_jax import sharding
 from mimo_jax.config import DENSE, SWA, ModelConfig
+from mimo_jax.fp8_resident import Fp8Weight
 from mimo_jax.kv_cache import KVCache
 from mimo_jax.layer_plan import Segment, plan_layers
+from mimo_jax.layer_view import LayerView
 from mimo_jax.layers import Attention, DenseMLP, RMSNorm, make_param
 from mimo_jax.moe import MoE
 
@@ -48,6 +50,12 @@ class DecoderLayer(nnx.Module):
         self.attn = Attention(cfg, layer_type, stack, rngs=rngs)
         self.post_attn_norm = RMSNorm(cfg, stack, rngs=rngs)
         self.mlp = DenseMLP(cfg, stack, rngs=rngs) if mlp_type == DENSE else MoE(cfg, stack, rngs=rngs)
+
+    def stack_read_params(self) -> frozenset:
+        """Paths of the parameters that a layer loop may hand over as `LayerView`s of their stacks."""
+        if isinstance(self.mlp, MoE) and self.mlp.reads_layers_in_place:
+            return frozenset(("mlp", name) for name in MoE.EXPERT_WEIGHTS)
+        return frozenset()
 
     def __call__(self, x_BTD, positions_BT, segment_ids_BT=None, cache=None, step=None):
         """(x, RouterStats or None for a dense FFN, updated cache or None)."""
@@ -108,17 +116,20 @@ class LayerSegment(nnx.Module):
         the stacked parameters and caches where they lie, and writes its cache slice back into the
         stack carried through the loops. Scanning over the stacks instead makes XLA copy each
         period's parameters (for the release, 2.5 GiB of FP8 experts per weight per v5p chip)
-        before slicing a layer, and write the updated caches into a second stack. XLA:CPU runs the
+        before slicing a layer, and write the updated caches into a second stack. The expert
+        weights go to the Pallas grouped matmul as `LayerView`s: it reads them from the stack, so
+        not even the layer's slice is copied out (a kernel operand is a whole array). XLA:CPU runs the
         tiny model's decode 10-30% slower this way, so it is kept for TPU programs."""
 
         def period(carry, p):
             x, caches = carry
             run_stats, run_caches = [], []
-            for run, graphdef, stack, cache in zip(self.segment.runs, graphdefs, stacks, caches):
+            for run, decoder, graphdef, stack, cache in zip(self.segment.runs, self.runs, graphdefs, stacks, caches):
+                in_kernel = decoder.stack_read_params()
 
-                def layer(carry, j, graphdef=graphdef, stack=stack):
+                def layer(carry, j, graphdef=graphdef, stack=stack, in_kernel=in_kernel):
                     x, cache = carry
-                    module = nnx.merge(graphdef, jax.tree.map(lambda a: a[p, j], stack))
+                    module = nnx.merge(graphdef, _layer_of(stack, p, j, in_kernel))
                     x, stats, layer_cache = module(x, positions_BT, segment_ids_BT, jax.tree.map(lambda a: a[p, j], cache), step)
                     cache = jax.tree.map(lambda whole, new: whole.at[p, j].set(new), cache, layer_cache)
                     return (sharding.constrain(x, ACTIVATION_AXES), cache), stats
@@ -131,6 +142,20 @@ class LayerSegment(nnx.Module):
         (x_BTD, caches), run_stats = jax.lax.scan(period, (x_BTD, caches), jnp.arange(self.segment.repeats),
                                                  unroll=self.unroll)
         return x_BTD, run_stats, list(caches)
+
+
+def _layer_of(stack, p, j, in_kernel=frozenset()):
+    """Layer [p, j] of a run's stacked parameters: sliced, except those whose paths are in
+    `in_kernel`, which become `LayerView`s that their consumer reads from the stack itself."""
+    index = jnp.stack([p, j]).astype(jnp.int32)
+
+    def pick(path, value):
+        names = tuple(key.key for key in path if isinstance(key, jax.tree_util.DictKey))
+        if names in in_kernel:
+            return LayerView(value, index)
+        return jax.tree.map(lambda a: a[p, j], value)
+
+    return jax.tree_util.tree_map_with_path(pick, stack, is_leaf=lambda x: isinstance(x, Fp8Weight))
 
 
 class MTPHead(nnx.Module):

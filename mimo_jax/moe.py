@@ -27,7 +27,8 @@ from mimo_jax import sharding
 from mimo_jax.blocked_gmm import blocked_gmm
 from mimo_jax.config import ModelConfig
 from mimo_jax.fp8 import BLOCK as FP8_BLOCK
-from mimo_jax.fp8_resident import Fp8Weight, weight
+from mimo_jax.fp8_resident import Fp8Weight, operand, weight
+from mimo_jax.layer_view import LayerView
 from mimo_jax.layers import RouterBias, make_param
 
 
@@ -88,11 +89,21 @@ def route(x_ND, router_DE, bias_E, cfg: ModelConfig):
 def grouped_matmul(lhs_MK, rhs_GKN, group_sizes_G, impl: str = "xla", interpret=False):
     """Rows of `lhs` sorted by group; rows of group g are multiplied by `rhs[g]`. fp32 accumulate.
     An FP8-resident `rhs` (`Fp8Weight`) is dequantised block by block inside the Pallas kernel, and
-    as a whole in `lhs.dtype` for the other impls."""
+    as a whole in `lhs.dtype` for the other impls; a `LayerView` is read from its stack by the
+    Pallas kernel, and sliced out for the others."""
+    layer = None
+    if isinstance(rhs_GKN, LayerView):
+        if impl == "pallas":
+            rhs_GKN, layer = rhs_GKN.stack, rhs_GKN.index
+        else:
+            rhs_GKN = rhs_GKN.materialize()
     if isinstance(rhs_GKN, Fp8Weight):
         if impl == "pallas":
-            return gmm(lhs_MK, rhs_GKN.values, group_sizes_G, rhs_scale=rhs_GKN.scale, interpret=interpret)
+            return gmm(lhs_MK, rhs_GKN.values, group_sizes_G, rhs_scale=rhs_GKN.scale, rhs_layer=layer,
+                       interpret=interpret)
         rhs_GKN = rhs_GKN.dequantize(lhs_MK.dtype)
+    if layer is not None:
+        return gmm(lhs_MK, rhs_GKN, group_sizes_G, rhs_layer=layer, interpret=interpret)
     if impl == "xla":
         return blocked_gmm(lhs_MK, rhs_GKN, group_sizes_G)
     if impl == "ragged_dot":
@@ -242,6 +253,8 @@ def experts_dense(x_ND, weights_Nk, experts_Nk, w_gate_EDI, w_up_EDI, w_down_EID
 
 
 class MoE(nnx.Module):
+    EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
+
     def __init__(self, cfg: ModelConfig, stack=(), *, rngs: nnx.Rngs):
         d, i, e, std, dt = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.initializer_range, cfg.param_dtype
         self.router = make_param(rngs, (d, e), ("embed", None), jnp.float32, stack, std=std)
@@ -251,14 +264,23 @@ class MoE(nnx.Module):
         self.w_down = make_param(rngs, (e, i, d), ("experts", "mlp", "embed"), dt, stack, std=std)
         self.cfg = cfg
 
+    @property
+    def reads_layers_in_place(self) -> bool:
+        """Whether the expert weights may be `LayerView`s of their stacks: the Pallas kernel indexes
+        them, where each device holds whole stacks (no `layers` sharding rule splits them)."""
+        active = sharding.active()
+        split = active is not None and any(active[0].shape[a] > 1 for a in active[1].layers)
+        return self.cfg.resolved_moe_impl == "pallas" and not split
+
     def __call__(self, x_BTD, segment_ids_BT=None):
         """(y [B,T,D], RouterStats over the non-padding tokens) — the stats feed the balance loss and
         the router-bias update."""
         dt = x_BTD.dtype
         b, t, d = x_BTD.shape
         impl = self.cfg.resolved_moe_impl
-        # The Pallas grouped matmul dequantises FP8-resident experts per block; the others take them dequantised.
-        w = tuple(weight(v, dt, keep_fp8=impl == "pallas") for v in (self.w_gate, self.w_up, self.w_down))
+        # The Pallas grouped matmul dequantises FP8-resident experts per block and reads a layer of
+        # stacked weights in place; the others take them dequantised and sliced.
+        w = tuple(weight(getattr(self, name), dt, in_kernel=impl == "pallas") for name in self.EXPERT_WEIGHTS)
         weights_BTk, experts_BTk, scores_BTE = route(x_BTD.reshape(b * t, d), self.router[...], self.bias[...], self.cfg)
         weights_BTk, experts_BTk = weights_BTk.reshape(b, t, -1), experts_BTk.reshape(b, t, -1)
         stats = router_stats(scores_BTE.reshape(b, t, -1), experts_BTk, self.cfg.num_experts, segment_ids_BT)
@@ -292,8 +314,10 @@ class MoE(nnx.Module):
         if set(seq) & set(width):
             seq = ()
         width_shards = math.prod(mesh.shape[a] for a in width)
-        if isinstance(w_down, Fp8Weight) and w_down.shape[1] % (FP8_BLOCK * width_shards):
-            w_down = w_down.dequantize(x_BTD.dtype)  # its 128-row scale blocks would straddle the width shards
+        fp8_down = w_down.stack if isinstance(w_down, LayerView) else w_down
+        if isinstance(fp8_down, Fp8Weight) and w_down.shape[1] % (FP8_BLOCK * width_shards):
+            # Its 128-row scale blocks would straddle the width shards.
+            w_down = operand(w_down, x_BTD.dtype)
         tokens_per_device = b * t // math.prod(mesh.shape[a] for a in batch + seq)
         replicated = tuple(a for a in ep if a not in batch + seq and mesh.shape[a] > 1)
         capacity = expert_capacity(tokens_per_device, cfg.num_experts_per_token, shards, cfg.moe_capacity_factor)
@@ -311,9 +335,15 @@ class MoE(nnx.Module):
 
         rows = P(batch or None, seq or None, None)
         ep_spec, width_spec = ep or None, width or None
+
+        def weight_spec(w, *layer_spec):
+            if isinstance(w, LayerView):  # the stack axes whole on every device, the index replicated
+                return LayerView(P(*(None,) * w.index.shape[0], *layer_spec), P())
+            return P(*layer_spec)
+
         return jax.shard_map(
             body, mesh=mesh, check_vma=False,
-            in_specs=(rows, rows, rows, P(ep_spec, None, width_spec), P(ep_spec, None, width_spec),
-                      P(ep_spec, width_spec, None)),
+            in_specs=(rows, rows, rows, weight_spec(w_gate, ep_spec, None, width_spec),
+                      weight_spec(w_up, ep_spec, None, width_spec), weight_spec(w_down, ep_spec, width_spec, None)),
             out_specs=rows,
         )(x_BTD, weights_BTk, experts_BTk, w_gate, w_up, w_down)

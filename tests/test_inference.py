@@ -40,12 +40,13 @@ def _coin_flip_model(overrides):
     return model
 
 
-@pytest.mark.parametrize("slice_layers_in_place", [False, True])
-def test_cached_steps_equal_the_full_forward(small_overrides, slice_layers_in_place):
+@pytest.mark.parametrize("slice_layers_in_place, moe_impl", [(False, "xla"), (True, "xla"), (True, "pallas")])
+def test_cached_steps_equal_the_full_forward(small_overrides, slice_layers_in_place, moe_impl):
     """Prefill in chunks shorter than the ring and longer than it, then decode: the logits of
     every position equal one uncached forward, across several ring wrap-arounds (window 3); also
-    with each layer sliced [p, j] from the stacked parameters, as on TPU."""
-    model = _model(small_overrides)
+    with each layer sliced [p, j] from the stacked parameters, as on TPU, where the Pallas grouped
+    matmul reads the expert weights from their stacks (interpreted here)."""
+    model = _model(small_overrides + [f"model.moe_impl={moe_impl}"])
     for segment in model.segments:
         segment.slice_layers_in_place = slice_layers_in_place
     b, t = 2, 30

@@ -192,26 +192,34 @@ def test_decode_and_verify_plans_compile_with_a_sharded_kv_cache(capsys):
 def test_decode_program_slices_each_layer_from_the_stacked_weights():
     """A cached call reads layer [p, j] of each stacked parameter where it runs: the compiled decode
     step (FP8-resident: e4m3 values and their scales) holds no copy of a period's stacked expert
-    weights. Scanning over the stacks made XLA copy every period's [layers, experts, ...] block
-    (here 28 such arrays; 10 with bf16 weights; for the release on v5p, 7.5 GiB per chip per step)."""
+    weights, nor of one layer's: the Pallas grouped matmul reads layer [p, j] of the stacks in place.
+    Scanning over the stacks made XLA copy every period's [layers, experts, ...] block (here 28 such
+    arrays; 10 with bf16 weights; for the release on v5p, 7.5 GiB per chip per step), and slicing a
+    layer before the kernel copied that layer's experts (1/run length of that)."""
     cfg = load_config("configs/tiny.yaml", plan.DEFAULT_OVERRIDES + [
         "model.num_layers=7", "model.layer_types=[global, swa, swa, global, swa, swa, global]",
         "model.mlp_types=[dense, moe, moe, moe, moe, moe, moe]", "mesh.fsdp=1", "mesh.expert=2", "mesh.tensor=2",
-        "model.param_dtype=bfloat16", "model.dtype=bfloat16"])
+        "model.param_dtype=bfloat16", "model.dtype=bfloat16",
+        "model.moe_intermediate_size=512"])  # whole 128-row FP8 blocks of w_down on each tensor shard, as in the release
     mesh = plan.build_mesh(cfg, parse_topology("v5e:2x2"))
     step, args, _ = plan.build_step(cfg, mesh, "decode", 2, 1024, 1, weights="fp8")
-    period_blocks = set()  # per-device shapes of one period's stack [run length, experts, ...] of an expert weight
+    hlo_type = {"float8_e4m3fn": "f8e4m3fn", "float32": "f32", "bfloat16": "bf16"}
+    period_blocks, layer_blocks = set(), set()  # (type, per-device [run length, experts, ...] / [experts, ...])
     for path, var in nnx.to_flat_state(args[0]):
         if path[-1] in ("w_gate", "w_up", "w_down"):
             for leaf in jax.tree.leaves(var.get_value()):
                 shard = leaf.sharding.shard_shape(leaf.shape)
                 if shard[1] > 1:
-                    period_blocks.add(shard[1:])
-    assert len(period_blocks) == 4  # gate/up vs down layouts, values and scales
+                    period_blocks.add((hlo_type[leaf.dtype.name], shard[1:]))
+                layer_blocks.add((hlo_type[leaf.dtype.name], shard[2:]))
+    assert len(period_blocks) == len(layer_blocks) == 4  # gate/up vs down layouts, values and scales
     text = step.lower(*args).compile().as_text()
-    shapes = [tuple(int(d) for d in dims.split(",") if d) for dims in re.findall(r"= \w+\[([\d,]*)\]", text)]
-    copies = [s for s in shapes if s in period_blocks]
+    arrays = [(kind, tuple(int(d) for d in dims.split(",") if d))
+              for kind, dims in re.findall(r"= (\w+)\[([\d,]*)\]", text)]
+    copies = [a for a in arrays if a in period_blocks]
     assert not copies, f"{len(copies)} arrays of a period's stacked expert weights: {copies[:4]}"
+    slices = [a for a in arrays if a in layer_blocks]
+    assert not slices, f"{len(slices)} arrays of one layer's expert weights sliced from their stacks: {slices[:4]}"
 
 
 def test_drafting_passes_plan_with_fp8_resident_weights():
