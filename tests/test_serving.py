@@ -421,6 +421,49 @@ def test_client_disconnect_frees_its_slot(server, client, monkeypatch):
     assert out.usage.completion_tokens == 3
 
 
+def test_a_full_queue_gets_429_and_a_request_timeout_ends_waiting_and_running_requests(server, monkeypatch):
+    """With every slot busy and --max-queue 1 waiting, the next request gets 429 with Retry-After while
+    /health answers; then a request timeout ends the queued request (503) and the running streams
+    (an error event), and the slots and the queue empty."""
+    base, app = server
+    host, port = base.removeprefix("http://").split(":")
+    scheduler = app.scheduler
+    monkeypatch.setattr(scheduler, "max_queue", 1)
+    step = app.engine.step
+    monkeypatch.setattr(app.engine, "step", lambda: (time.sleep(0.02), step())[1])  # streams outlast the test
+    body = {"model": "tiny-run", "prompt": "abc", "max_tokens": CONTEXT - 4, "temperature": 0}
+
+    def post(payload):
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        conn.request("POST", "/v1/completions", body=json.dumps(payload), headers={"Content-Type": "application/json"})
+        return conn, conn.getresponse()
+
+    streams = [post({**body, "stream": True}) for _ in range(SLOTS)]  # 200 once admitted
+    assert [resp.status for _, resp in streams] == [200] * SLOTS
+    queued = {}
+    waiter = threading.Thread(target=lambda: queued.update(zip(("conn", "resp"), post(body))))
+    waiter.start()
+    deadline = time.time() + 30
+    while scheduler.stats()["queued"] < 1 and time.time() < deadline:
+        time.sleep(0.01)
+    conn, refused = post(body)
+    error = json.loads(refused.read())["error"]
+    assert (refused.status, refused.getheader("Retry-After"), error["code"]) == (429, "1", "queue_full"), error
+    conn.close()
+    status, health = _raw(base, "GET", "/health")
+    assert status == 200 and json.loads(health)["queued"] == 1 and json.loads(health)["refused"] >= 1
+
+    monkeypatch.setattr(scheduler, "request_timeout", 0.5)
+    waiter.join(30)
+    assert queued["resp"].status == 503 and "request timeout" in json.loads(queued["resp"].read())["error"]["message"]
+    for conn, resp in streams:
+        events = resp.read().decode()
+        assert "did not finish within the server's request timeout" in events and events.endswith("data: [DONE]\n\n")
+        conn.close()
+    stats = scheduler.stats()
+    assert (stats["active"], stats["queued"]) == (0, 0)
+
+
 def test_serve_cli_on_a_hugging_face_fp8_directory_with_resident_weights(dirs):
     """serve.py --weights fp8 on the FP8 export: its greedy text is that of the model dequantised on loading."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")

@@ -20,6 +20,12 @@ def main(argv=None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--num-slots", type=int, default=8, help="requests decoded together; more wait in a queue")
+    parser.add_argument("--max-queue", type=int, default=256,
+                        help="requests that may wait while every slot is busy; more get 429 with Retry-After "
+                             "(-1: no bound)")
+    parser.add_argument("--request-timeout", type=float, default=None,
+                        help="seconds a request may take from arrival, waiting included; then it ends with 503 "
+                             "(default: no limit)")
     parser.add_argument("--max-seq-len", type=int, default=None, help="prompt + completion tokens per request")
     parser.add_argument("--no-speculative", action="store_true", help="plain decoding even with MTP heads")
     parser.add_argument("--num-draft", type=int, default=None,
@@ -36,6 +42,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.num_slots < 1:
         parser.error("--num-slots must be >= 1")
+    if args.max_queue < -1:
+        parser.error("--max-queue must be >= 0, or -1 for no bound")
+    if args.request_timeout is not None and args.request_timeout <= 0:
+        parser.error("--request-timeout must be > 0 seconds")
 
     def log(message: str):
         print(message, file=sys.stderr, flush=True)
@@ -49,7 +59,8 @@ def main(argv=None) -> int:
     num_draft = args.num_draft or max(1, min(3, served.model.config.num_mtp_heads))
     engine = SlotEngine(served.model, num_slots=args.num_slots, max_seq_len=args.max_seq_len,
                         speculative=False if args.no_speculative else None, num_draft=num_draft)
-    app = App(served, engine, api_key=args.api_key, log=log, access_log=not args.quiet)
+    app = App(served, engine, api_key=args.api_key, log=log, access_log=not args.quiet,
+              max_queue=None if args.max_queue == -1 else args.max_queue, request_timeout=args.request_timeout)
     resident = ", FP8-resident weights" if args.weights == "fp8" else ""
     log(f"loaded {served.name} ({type(served.tokenizer).__name__}, chat format: {app.formatter.kind}{resident}); "
         f"{engine.num_slots} slots of {engine.max_seq_len} tokens, speculative decoding "

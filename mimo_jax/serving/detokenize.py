@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Sequence
 
 from mimo_jax.serving.loading import CHATML_END
@@ -92,6 +93,7 @@ class Generation:
         self.stop_token_ids = frozenset(int(t) for t in stop_token_ids)
         self.events: queue.Queue = queue.Queue()
         self.cancelled = threading.Event()
+        self.submitted = time.monotonic()  # the request timeout counts from here
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self._detokenizer = IncrementalDetokenizer(tokenizer)

@@ -30,7 +30,7 @@ class App:
     """The server's state shared by the handler threads."""
 
     def __init__(self, served: Served, engine, *, api_key: str | None = None, log: Callable = print,
-                 access_log: bool = True):
+                 access_log: bool = True, max_queue: int | None = None, request_timeout: float | None = None):
         self.served = served
         self.engine = engine
         self.tokenizer = served.tokenizer
@@ -43,7 +43,7 @@ class App:
         self.parser = RequestParser(served.tokenizer, served.name, engine.max_seq_len, self.formatter,
                                     served.add_bos, served.model.config.vocab_size)
         self.stop_token_ids = stop_token_ids(served.tokenizer)
-        self.scheduler = Scheduler(engine, log=log)
+        self.scheduler = Scheduler(engine, log=log, max_queue=max_queue, request_timeout=request_timeout)
 
     def start(self, warmup: bool = True):
         self.scheduler.start()
@@ -101,7 +101,7 @@ class Handler(BaseHTTPRequestHandler):
                 raise RequestError("Incorrect API key provided.", status=401, code="invalid_api_key")
             route(body, *arg)
         except RequestError as e:
-            self._send_json(e.status, e.body())
+            self._send_json(e.status, e.body(), e.headers)
         except _ClientGone:
             self.close_connection = True
         except (BrokenPipeError, ConnectionResetError):
@@ -295,11 +295,13 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:
             return True
 
-    def _send_json(self, status: int, obj: dict):
+    def _send_json(self, status: int, obj: dict, headers: dict[str, str] | None = None):
         data = json.dumps(obj).encode("ascii")  # \u escapes: valid even for lone surrogates from a client
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 

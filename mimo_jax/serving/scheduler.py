@@ -1,23 +1,36 @@
 """The scheduler thread that owns the `SlotEngine`: admits queued requests into free slots between
-decode steps, and releases finished or abandoned ones."""
+decode steps, and releases finished, abandoned or timed-out ones. The queue is bounded: past
+`max_queue` waiting requests a submission is refused with 429 and a Retry-After."""
 
 from __future__ import annotations
 
 import collections
 import queue
 import threading
+import time
 import traceback
 from collections.abc import Callable
 
 from mimo_jax.serving.detokenize import Generation
+from mimo_jax.serving.errors import RequestError
+
+RETRY_AFTER_S = 1  # what a refused client is told to wait: slots free up within a few decode steps
 
 
 class Scheduler:
     """Owns the engine on one thread: admits queued requests into free slots, steps, routes tokens."""
 
-    def __init__(self, engine, log: Callable = print):
+    def __init__(self, engine, log: Callable = print, max_queue: int | None = None,
+                 request_timeout: float | None = None):
+        """max_queue: requests that may wait while every slot is busy (None: no bound; 0: none
+        wait); request_timeout: seconds from submission after which a request is ended with 503,
+        queued or running (None: none)."""
         self.engine = engine
         self.log = log
+        self.max_queue = max_queue
+        self.request_timeout = request_timeout
+        self._lock = threading.Lock()
+        self._queued = 0  # submitted, not yet admitted nor dropped
         self._inbox: queue.Queue = queue.Queue()
         self._pending: collections.deque = collections.deque()
         self._active: dict[int, Generation] = {}
@@ -26,22 +39,34 @@ class Scheduler:
         self.steps = 0  # engine steps
         self.completed = 0  # requests that ran to a finish reason
         self.cancelled = 0  # requests abandoned by their clients (in a slot or still queued)
+        self.refused = 0  # submissions refused because the queue was full
+        self.timed_out = 0  # requests ended by request_timeout
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._closed.is_set()
 
     def stats(self) -> dict:
-        return {"active": len(self._active), "queued": len(self._pending) + self._inbox.qsize(),
-                "completed": self.completed, "cancelled": self.cancelled}
+        return {"active": len(self._active), "queued": self._queued, "max_queue": self.max_queue,
+                "completed": self.completed, "cancelled": self.cancelled, "refused": self.refused,
+                "timed_out": self.timed_out}
 
     def start(self):
         self._thread.start()
 
     def submit(self, gen: Generation):
+        """Queues `gen`; raises RequestError (429, with Retry-After) when `max_queue` are waiting."""
         if not self.alive:
             gen.fail(503, "The server is shutting down.")
             return
+        with self._lock:
+            free = max(0, self.engine.num_slots - len(self._active))  # those submitted now are admitted next
+            if self.max_queue is not None and self._queued >= self.max_queue + free:
+                self.refused += 1
+                raise RequestError(f"The server is at capacity: {self._queued} requests are waiting for a slot "
+                                   f"(--max-queue {self.max_queue}). Retry later.", status=429, code="queue_full",
+                                   type="rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)})
+            self._queued += 1
         self._inbox.put(gen)
 
     def close(self, timeout: float = 30.0):
@@ -55,6 +80,7 @@ class Scheduler:
             while not self._closed.is_set():
                 self._receive(block=not self._active and not self._pending)
                 self._drop_cancelled()
+                self._drop_expired()
                 self._admit()
                 if self._active:
                     self._step()
@@ -89,14 +115,38 @@ class Scheduler:
             if gen.cancelled.is_set():
                 self.cancelled += 1
                 self._release(slot)
-        if any(g.cancelled.is_set() for g in self._pending):
-            self.cancelled += sum(g.cancelled.is_set() for g in self._pending)
+        gone = sum(g.cancelled.is_set() for g in self._pending)
+        if gone:
+            self.cancelled += gone
+            self._unqueue(gone)
             self._pending = collections.deque(g for g in self._pending if not g.cancelled.is_set())
+
+    def _drop_expired(self):
+        if self.request_timeout is None:
+            return
+        now, limit = time.monotonic(), self.request_timeout
+        for slot, gen in list(self._active.items()):
+            if now - gen.submitted > limit:
+                self.timed_out += 1
+                gen.fail(503, f"The request did not finish within the server's request timeout ({limit:g} s).")
+                self._release(slot)
+        expired = [g for g in self._pending if now - g.submitted > limit]
+        for gen in expired:
+            self.timed_out += 1
+            gen.fail(503, f"The request waited for a slot longer than the server's request timeout ({limit:g} s).")
+        if expired:
+            self._unqueue(len(expired))
+            self._pending = collections.deque(g for g in self._pending if g.finish_reason is None)
+
+    def _unqueue(self, n: int):
+        with self._lock:
+            self._queued -= n
 
     def _admit(self):
         free = sorted(self.engine.free_slots()) if self._pending else []
         while self._pending and free:
             gen = self._pending.popleft()
+            self._unqueue(1)
             slot = free.pop(0)
             request = gen.request
             try:
