@@ -33,7 +33,14 @@ from flax import nnx
 
 from mimo_jax import kv_cache
 from mimo_jax.kv_cache import DEFAULT_PREFILL_CHUNK, KVCache
-from mimo_jax.sampling import SamplingParams, processed_probs, sample_tokens, speculative_accept, split_keys
+from mimo_jax.sampling import (
+    SamplingParams,
+    processed_probs,
+    reported_logprobs,
+    sample_tokens,
+    speculative_accept,
+    split_keys,
+)
 
 
 @flax.struct.dataclass
@@ -292,6 +299,32 @@ def _result(state: DecodeState, pad_id: int, num_draft: int) -> GenerateResult:
 # Continuous batching over fixed slots (what serve.py drives)
 
 
+MAX_TOP_LOGPROBS = 20  # alternatives `SlotEngine.score` reports per position (OpenAI's chat maximum)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _score_jit(graphdef, params, ids_1L, num_prompt, temperature, top_k, top_p):
+    """Per position i >= 1: the log-prob of token i and the top alternatives, under the raw
+    distribution for prompt tokens (i < num_prompt) and the request's sampling distribution after."""
+    logits_LV = nnx.merge(graphdef, params)(ids_1L).logits[0, :-1]
+    n = logits_LV.shape[0]
+    sampled_L = jnp.arange(1, n + 1) >= num_prompt
+    logprobs_LV = reported_logprobs(logits_LV, jnp.where(sampled_L, temperature, 0.0),
+                                    jnp.where(sampled_L, top_k, 0), jnp.where(sampled_L, top_p, 1.0))
+    chosen_L = jnp.take_along_axis(logprobs_LV, ids_1L[0, 1:, None], axis=-1)[:, 0]
+    top_logprobs_LK, top_ids_LK = jax.lax.top_k(logprobs_LV, min(MAX_TOP_LOGPROBS, logprobs_LV.shape[-1]))
+    return chosen_L, top_ids_LK, top_logprobs_LK
+
+
+@dataclasses.dataclass
+class TokenScores:
+    """`SlotEngine.score`'s result for tokens [t_0, ..., t_n): entry i - 1 is about token t_i."""
+
+    logprobs: np.ndarray  # [n - 1] float32
+    top_ids: np.ndarray  # [n - 1, MAX_TOP_LOGPROBS] int32, most likely first
+    top_logprobs: np.ndarray  # [n - 1, MAX_TOP_LOGPROBS] float32 (-inf: cut by top-k / top-p)
+
+
 @dataclasses.dataclass
 class SlotUpdate:
     new_tokens: list[int]  # emitted since the last update (the first one after insert has the prefill's token)
@@ -410,6 +443,26 @@ class SlotEngine:
             if done[s]:
                 self._finished.add(s)
         return updates
+
+    def score(self, token_ids, num_prompt: int, sampling: SamplingParams = SamplingParams()) -> TokenScores:
+        """The log-probabilities of a prompt and, after it, a completion sampled with `sampling`:
+        the main model's own distributions (after temperature, top-k and top-p for the completion;
+        raw for the prompt and for greedy sampling), from one uncached forward over all of them.
+        With speculative decoding these are still the main model's: the drafts only propose.
+        Lengths are padded to a power of two (at least 16), so few lengths compile."""
+        ids = [int(t) for t in token_ids]
+        if len(ids) < 2 or len(ids) > self.max_seq_len:
+            raise ValueError(f"scoring takes 2 to {self.max_seq_len} tokens, got {len(ids)}")
+        if not 1 <= num_prompt <= len(ids):
+            raise ValueError(f"num_prompt must be in [1, {len(ids)}], got {num_prompt}")
+        padded = min(max(16, 1 << (len(ids) - 1).bit_length()), self.max_seq_len)
+        ids_1L = np.full((1, padded), self.pad_id, np.int32)
+        ids_1L[0, : len(ids)] = ids
+        chosen, top_ids, top_logprobs = _score_jit(
+            self._graphdef, self._params, jnp.asarray(ids_1L), jnp.int32(num_prompt),
+            jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
+        n = len(ids) - 1
+        return TokenScores(np.asarray(chosen)[:n], np.asarray(top_ids)[:n], np.asarray(top_logprobs)[:n])
 
     def release(self, slot: int) -> None:
         """Free a slot, finished or not (a cancelled request)."""

@@ -40,6 +40,17 @@ def processed_probs(logits_BV, temperature_B, top_k_B, top_p_B):
         greedy[:, None], one_hot_BV, _sampling_probs(logits_BV, greedy, temperature_B, top_k_B, top_p_B)))
 
 
+def reported_logprobs(logits_BV, temperature_B, top_k_B, top_p_B):
+    """The log-probabilities reported for tokens sampled from `logits_BV`: those of the distribution
+    they were drawn from (`processed_probs`; -inf for the tokens it cuts), or the raw log-softmax
+    for greedy rows, whose distribution is one-hot."""
+    logits_BV = logits_BV.astype(jnp.float32)
+    greedy = temperature_B <= 0
+    raw_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+    return jax.lax.cond(jnp.all(greedy), lambda: raw_BV, lambda: jnp.where(
+        greedy[:, None], raw_BV, jnp.log(_sampling_probs(logits_BV, greedy, temperature_B, top_k_B, top_p_B))))
+
+
 def _sampling_probs(logits_BV, greedy, temperature_B, top_k_B, top_p_B):
     vocab = logits_BV.shape[-1]
     x_BV = logits_BV / jnp.where(greedy, 1.0, temperature_B)[:, None]

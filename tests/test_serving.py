@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import openai
@@ -225,6 +226,64 @@ def test_completion_matches_greedy_decoding(server, client):
     assert empty.usage.prompt_tokens == 1 and empty.choices[0].text == _greedy(model, [BYTES.eos_id], 3)
 
 
+def _model_logprobs(model, ids, temperature=0.0, top_k=0, top_p=1.0, num_prompt=None):
+    """log p(ids[i] | ids[:i]) for i >= 1 from one forward of the served model: raw for the prompt,
+    after temperature / top-k / top-p for the completion (from position num_prompt)."""
+    from mimo_jax.sampling import processed_probs
+
+    logits = model(jnp.asarray([ids])).logits[0, :-1].astype(jnp.float32)
+    n = len(ids) - 1
+    want = np.asarray(jax.nn.log_softmax(logits))[np.arange(n), ids[1:]]
+    if temperature > 0:
+        probs = np.asarray(processed_probs(logits, jnp.full((n,), temperature), jnp.full((n,), top_k),
+                                           jnp.full((n,), top_p)))
+        want = np.where(np.arange(1, n + 1) >= num_prompt, np.log(probs[np.arange(n), ids[1:]]), want)
+    return want
+
+
+def test_echo_and_logprobs_are_the_models_own(server, client):
+    """echo + max_tokens 0 (what evaluation harnesses send) scores the prompt; a greedy completion's
+    log-probs are the raw ones and its chosen token tops the alternatives; a sampled one's are
+    those of the distribution it was drawn from (temperature, top-k); chat carries them too."""
+    model = server[1].served.model
+    prompt = "def main():"
+    ids = BYTES.encode(prompt)
+    scored = client.completions.create(model="tiny-run", prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+    choice = scored.choices[0]
+    want = _model_logprobs(model, ids)
+    assert choice.text == prompt and choice.logprobs.tokens == list(prompt) and scored.usage.completion_tokens == 0
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.text_offset == list(range(len(prompt)))
+    np.testing.assert_allclose(choice.logprobs.token_logprobs[1:], want, atol=2e-5)
+    assert all(len(top) in (2, 3) and top[t] == lp for top, t, lp in
+               zip(choice.logprobs.top_logprobs[1:], prompt[1:], choice.logprobs.token_logprobs[1:]))
+
+    greedy = client.completions.create(model="tiny-run", prompt=prompt, max_tokens=6, temperature=0, logprobs=3)
+    logprobs = greedy.choices[0].logprobs
+    assert "".join(logprobs.tokens) == greedy.choices[0].text == _greedy(model, ids, 6)
+    want = _model_logprobs(model, ids + BYTES.encode(greedy.choices[0].text))
+    np.testing.assert_allclose(logprobs.token_logprobs, want[len(ids) - 1:], atol=2e-5)
+    assert all(max(top, key=top.get) == t for top, t in zip(logprobs.top_logprobs, logprobs.tokens))
+
+    sampled = client.completions.create(model="tiny-run", prompt=prompt, max_tokens=6, temperature=0.7, seed=1,
+                                        logprobs=5, echo=True, extra_body={"top_k": 4})
+    logprobs = sampled.choices[0].logprobs
+    text = sampled.choices[0].text
+    assert text.startswith(prompt) and "".join(logprobs.tokens) == text
+    want = _model_logprobs(model, BYTES.encode(text), 0.7, 4, 1.0, num_prompt=len(ids))
+    np.testing.assert_allclose(logprobs.token_logprobs[1:], want, atol=2e-5)
+    assert all(len(top) <= 5 for top in logprobs.top_logprobs[len(ids):])  # top-k 4 cuts the 5th: not listed
+
+    messages = [{"role": "user", "content": "Hi!"}]
+    chat = client.chat.completions.create(model="tiny-run", messages=messages, max_tokens=4, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert "".join(c.token for c in content) == chat.choices[0].message.content and len(content) == 4
+    prompt_ids = BYTES.encode(_chatml(messages))
+    want = _model_logprobs(model, prompt_ids + BYTES.encode(chat.choices[0].message.content))
+    np.testing.assert_allclose([c.logprob for c in content], want[len(prompt_ids) - 1:], atol=2e-5)
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].token == c.token for c in content)
+
+
 def test_chat_completion_uses_chatml(server, client):
     model = server[1].served.model
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
@@ -326,7 +385,13 @@ BAD_REQUESTS = [  # (path, body, status, param)
     ("/v1/completions", {"model": "tiny-run", "prompt": "a", "stop": [""]}, 400, "stop"),
     ("/v1/completions", {"model": "tiny-run", "prompt": "a", "stream": "yes"}, 400, "stream"),
     ("/v1/completions", {"model": "tiny-run", "prompt": "a", "seed": True}, 400, "seed"),
-    ("/v1/completions", {"model": "tiny-run", "prompt": "a", "logprobs": 2}, 400, "logprobs"),
+    ("/v1/completions", {"model": "tiny-run", "prompt": "a", "logprobs": 6}, 400, "logprobs"),
+    ("/v1/completions", {"model": "tiny-run", "prompt": "a", "logprobs": 1, "stream": True}, 400, "logprobs"),
+    ("/v1/completions", {"model": "tiny-run", "prompt": "a", "echo": "yes"}, 400, "echo"),
+    ("/v1/chat/completions", {"model": "tiny-run", "messages": [{"role": "user", "content": "a"}],
+                              "top_logprobs": 2}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"model": "tiny-run", "messages": [{"role": "user", "content": "a"}],
+                              "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ("/v1/completions", {"model": "tiny-run", "prompt": "a", "frobnicate": 1}, 400, "frobnicate"),
     ("/v1/nothing", {}, 404, None),
 ]

@@ -102,11 +102,11 @@ class PlanResult:
     @property
     def step_seconds(self) -> float:
         """The cost model's overlapped estimate; without one XLA's estimate scaled by the loop
-        factor, or the roofline where XLA gives none."""
+        factor (at least the HBM floor, but for the drafting passes), or the roofline where XLA gives none."""
         if self.cost is not None:
             return self.cost.overlapped_seconds
         if self.xla_seconds and self.xla_seconds > 0:
-            return self.xla_seconds * self.loop_factor
+            return max(self.xla_seconds * self.loop_factor, 0.0 if self.mode == "draft" else self.stream_seconds)
         return self.roofline_seconds
 
     @property
@@ -335,8 +335,11 @@ def _read_compiled(result: PlanResult, compiled, topology: Topology) -> None:
     bandwidth = topology.chip.hbm_gbps * 1e9 * per_chip
     # Both counts with loop bodies multiplied out: flops from the traced program, bytes scaled alike.
     flops = max(result.flops_per_device, result.traced_flops.get("total", 0.0) / result.devices)
-    result.roofline_seconds = max(flops / peak, result.bytes_accessed_per_device * result.loop_factor / bandwidth)
     result.stream_seconds = (result.params_bytes + result.rest_bytes + result.cache_bytes) / bandwidth
+    # The loop factor is a flop ratio, so the scaled bytes can fall below the state read once: the floor
+    # (not for the drafting passes, which read the MTP heads and the embeddings only).
+    result.roofline_seconds = max(flops / peak, result.bytes_accessed_per_device * result.loop_factor / bandwidth,
+                                  0.0 if result.mode == "draft" else result.stream_seconds)
     result.hbm_bytes = topology.chip.hbm_gib * GIB * per_chip
     result.fits = result.peak_bytes <= result.hbm_bytes
 

@@ -101,7 +101,7 @@ def report(result: PlanResult, topology: Topology, out=sys.stdout) -> None:
       f"x loop factor = {_gib(result.bytes_accessed_per_device * result.loop_factor)}")
     xla = ("missing" if result.xla_seconds is None else f"{result.xla_seconds:.4g} s"
            + (" (negative: unusable)" if result.xla_seconds <= 0 else ""))
-    p(f"XLA estimate:    {xla}; roofline max(flops/peak, bytes/HBM bandwidth) = {result.roofline_seconds:.4g} s")
+    p(f"XLA estimate:    {xla}; roofline max(flops/peak, bytes/HBM bandwidth, HBM floor) = {result.roofline_seconds:.4g} s")
     if result.cost is not None:
         _report_cost(result, p)
     else:

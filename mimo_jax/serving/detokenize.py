@@ -85,8 +85,9 @@ class StopMatcher:
 
 class Generation:
     """One request's life in the scheduler; its handler thread reads `events`:
-    ("started",), ("text", str)..., then ("done", finish_reason, prompt_tokens, completion_tokens)
-    or ("error", http_status, message)."""
+    ("started",), ("text", str)..., then ("done", finish_reason, prompt_tokens, completion_tokens,
+    scores) or ("error", http_status, message). `scores` is the `inference.TokenScores` of the
+    prompt and `token_ids` where the request asked for log-probabilities, else None."""
 
     def __init__(self, request: GenerationRequest, tokenizer, stop_token_ids: Sequence[int]):
         self.request = request
@@ -95,6 +96,7 @@ class Generation:
         self.cancelled = threading.Event()
         self.submitted = time.monotonic()  # the request timeout counts from here
         self.completion_tokens = 0
+        self.token_ids: list[int] = []  # the completion's tokens; a stop token is not one
         self.finish_reason: str | None = None
         self._detokenizer = IncrementalDetokenizer(tokenizer)
         self._matcher = StopMatcher(request.stop)
@@ -112,6 +114,7 @@ class Generation:
             self.completion_tokens += 1
             if int(token) in self.stop_token_ids:
                 return self._finish("stop")
+            self.token_ids.append(int(token))
             delta = self._detokenizer.add(int(token))
             if delta and self._matcher.add(delta):
                 return self._finish("stop", cut=True)
@@ -131,5 +134,8 @@ class Generation:
         if text:
             self.events.put(("text", text))
         self.finish_reason = reason
-        self.events.put(("done", reason, len(self.request.prompt_ids), self.completion_tokens))
         return True
+
+    def done(self, scores=None):
+        """Ends the request (after `feed` said it is complete): its final event."""
+        self.events.put(("done", self.finish_reason, len(self.request.prompt_ids), self.completion_tokens, scores))

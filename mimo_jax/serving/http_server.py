@@ -65,6 +65,41 @@ class App:
                 "max_model_len": self.engine.max_seq_len}
 
 
+LOGPROB_FLOOR = -9999.0  # stands for -inf (a token top-k / top-p cut), which JSON cannot carry
+
+
+def token_logprobs(tokenizer, ids: list[int], scores, start: int, top: int, chat: bool) -> dict:
+    """OpenAI's `logprobs` object for tokens ids[start:] (`scores`: `inference.TokenScores` of all
+    of `ids`; the first token of a prompt has no log-prob). Completions: tokens, token_logprobs,
+    top_logprobs (each a dict of the `top` most likely tokens plus the chosen one) and text_offset
+    (into the returned text); chat: a `content` list of {token, logprob, bytes, top_logprobs}."""
+    def piece(token_id: int) -> str:
+        return tokenizer.decode([int(token_id)])
+
+    def value(logprob) -> float:
+        return max(float(logprob), LOGPROB_FLOOR)
+
+    entries = []  # (token text, logprob or None, [(alternative text, logprob)])
+    for i in range(start, len(ids)):
+        if i == 0:
+            entries.append((piece(ids[0]), None, []))
+            continue
+        alternatives = [(piece(t), value(lp)) for t, lp in zip(scores.top_ids[i - 1][:top], scores.top_logprobs[i - 1][:top])
+                        if lp > -float("inf")]
+        entries.append((piece(ids[i]), value(scores.logprobs[i - 1]), alternatives))
+    if chat:
+        return {"content": [
+            {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8")),
+             "top_logprobs": [{"token": t, "logprob": a, "bytes": list(t.encode("utf-8"))} for t, a in alternatives]}
+            for text, lp, alternatives in entries]}
+    offsets = [0]
+    for text, _, _ in entries[:-1]:
+        offsets.append(offsets[-1] + len(text))
+    return {"tokens": [text for text, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [None if lp is None else {**dict(alternatives), text: lp} for text, lp, alternatives in entries],
+            "text_offset": offsets[: len(entries)]}
+
+
 class _ClientGone(Exception):
     pass
 
@@ -193,15 +228,21 @@ class Handler(BaseHTTPRequestHandler):
                                    else "server_error")
             elif event[0] == "done":
                 break
-        _, reason, n_prompt, n_completion = event
+        _, reason, n_prompt, n_completion, scores = event
         text = "".join(pieces)
         usage = {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion}
+        logprobs = None
+        if request.logprobs is not None:
+            logprobs = token_logprobs(self.app.tokenizer, request.prompt_ids + gen.token_ids, scores,
+                                      0 if request.echo else len(request.prompt_ids), request.logprobs, request.chat)
         if request.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                       "finish_reason": reason}
             body = self._envelope("chatcmpl", "chat.completion", [choice])
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+            if request.echo:
+                text = self.app.tokenizer.decode(request.prompt_ids) + text
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason}
             body = self._envelope("cmpl", "text_completion", [choice])
         body["usage"] = usage
         self._send_json(200, body)
@@ -248,7 +289,7 @@ class Handler(BaseHTTPRequestHandler):
                 self._send_event(chunk(text))
                 event = following if following is not None else self._next_event(gen)
             elif event[0] == "done":
-                _, reason, n_prompt, n_completion = event
+                _, reason, n_prompt, n_completion, _ = event
                 self._send_event(chunk(None if chat else "", reason))
                 if request.include_usage:
                     self._send_event({**envelope, "choices": [], "usage": {

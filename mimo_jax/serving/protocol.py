@@ -16,6 +16,8 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16  # as OpenAI's /v1/completions; chat defaults
 
 
 MAX_STOP_STRINGS = 16
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limits on the alternatives per token
+MAX_CHAT_TOP_LOGPROBS = 20
 
 
 @dataclasses.dataclass
@@ -29,6 +31,8 @@ class GenerationRequest:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    logprobs: int | None = None  # None: none; n: each token's log-prob and its n most likely alternatives
+    echo: bool = False  # completions: the prompt's tokens come first in the text and the log-probs
 
 
 _COMMON_FIELDS = {
@@ -92,22 +96,30 @@ class RequestParser:
 
     def completion(self, body: Any) -> GenerationRequest:
         self._common_checks(body, _COMPLETION_FIELDS)
-        if body.get("echo"):
-            raise RequestError("'echo' is not supported.", "echo")
+        echo = _typed(body, "echo", (bool,), False)
         if _typed(body, "best_of", (int,), 1) != 1:
             raise RequestError("Only best_of=1 is supported.", "best_of")
         if _typed(body, "suffix", (str,), ""):
             raise RequestError("'suffix' is not supported.", "suffix")
-        if _typed(body, "logprobs", (int,), 0):
-            raise RequestError("'logprobs' is not supported.", "logprobs")
+        logprobs = _typed(body, "logprobs", (int,))
+        if logprobs is not None and not 0 <= logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise RequestError(f"'logprobs' must be between 0 and {MAX_COMPLETION_LOGPROBS}, got {logprobs}.",
+                               "logprobs")
         prompt_ids = self._prompt_ids(body.get("prompt"))
         return self._finish(body, prompt_ids, chat=False, max_tokens_key="max_tokens",
-                            default_max_tokens=DEFAULT_COMPLETION_MAX_TOKENS)
+                            default_max_tokens=DEFAULT_COMPLETION_MAX_TOKENS, logprobs=logprobs, echo=echo)
 
     def chat(self, body: Any) -> GenerationRequest:
         self._common_checks(body, _CHAT_FIELDS)
-        if _typed(body, "logprobs", (bool,), False) or _typed(body, "top_logprobs", (int,), 0):
-            raise RequestError("'logprobs' is not supported.", "logprobs")
+        top_logprobs = _typed(body, "top_logprobs", (int,))
+        if not _typed(body, "logprobs", (bool,), False):
+            if top_logprobs is not None:
+                raise RequestError("'top_logprobs' needs 'logprobs' to be true.", "top_logprobs")
+        elif top_logprobs is None:
+            top_logprobs = 0
+        elif not 0 <= top_logprobs <= MAX_CHAT_TOP_LOGPROBS:
+            raise RequestError(f"'top_logprobs' must be between 0 and {MAX_CHAT_TOP_LOGPROBS}, got {top_logprobs}.",
+                               "top_logprobs")
         if _typed(body, "tools", (list,), []):
             raise RequestError("'tools' are not supported.", "tools")
         tool_choice = body.get("tool_choice")
@@ -124,7 +136,7 @@ class RequestParser:
         prompt_ids = self._encode(text, "messages")
         max_tokens_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         return self._finish(body, prompt_ids, chat=True, max_tokens_key=max_tokens_key,
-                            default_max_tokens=None, extra_stop=(CHATML_END,))
+                            default_max_tokens=None, extra_stop=(CHATML_END,), logprobs=top_logprobs)
 
     # -- pieces
 
@@ -214,7 +226,8 @@ class RequestParser:
         return ids
 
     def _finish(self, body: dict, prompt_ids: list[int], *, chat: bool, max_tokens_key: str,
-                default_max_tokens: int | None, extra_stop: tuple = ()) -> GenerationRequest:
+                default_max_tokens: int | None, extra_stop: tuple = (), logprobs: int | None = None,
+                echo: bool = False) -> GenerationRequest:
         n_prompt, context = len(prompt_ids), self.max_seq_len
         if n_prompt >= context:
             raise RequestError(
@@ -224,8 +237,9 @@ class RequestParser:
         max_tokens = _typed(body, max_tokens_key, (int,))
         if max_tokens is None:
             max_tokens = default_max_tokens if default_max_tokens is not None else context - n_prompt
-        if max_tokens < 1:
-            raise RequestError(f"'{max_tokens_key}' must be at least 1, got {max_tokens}.", max_tokens_key)
+        if max_tokens < (0 if echo else 1):  # echo with max_tokens 0 scores the prompt: what harnesses send
+            raise RequestError(f"'{max_tokens_key}' must be at least {0 if echo else 1}, got {max_tokens}.",
+                               max_tokens_key)
         if n_prompt + max_tokens > context:
             raise RequestError(
                 f"This model's maximum context length is {context} tokens. However, you requested "
@@ -260,8 +274,13 @@ class RequestParser:
         if options and not stream:
             raise RequestError("'stream_options' is only allowed when 'stream' is true.", "stream_options")
         include_usage = options.get("include_usage", False)
+        if stream and (logprobs is not None or echo):
+            key = "echo" if echo else "logprobs"
+            raise RequestError(f"'{key}' is not supported with 'stream': the log-probabilities are computed once the "
+                               "completion is complete.", key)
         if not isinstance(include_usage, bool):
             raise RequestError("'stream_options.include_usage' must be a boolean.", "stream_options")
         sampling = SamplingParams(temperature=temperature, top_k=int(top_k), top_p=top_p, seed=seed % 2**31)
         stops = tuple(dict.fromkeys([*stop, *extra_stop]))
-        return GenerationRequest(chat, prompt_ids, int(max_tokens), sampling, stops, stream, include_usage)
+        return GenerationRequest(chat, prompt_ids, int(max_tokens), sampling, stops, stream, include_usage,
+                                 logprobs, echo)

@@ -147,8 +147,12 @@ class Scheduler:
         while self._pending and free:
             gen = self._pending.popleft()
             self._unqueue(1)
-            slot = free.pop(0)
             request = gen.request
+            if request.max_tokens == 0:  # echo only: the prompt is scored, nothing is generated
+                gen.finish_reason = "length"
+                self._deliver(gen)
+                continue
+            slot = free.pop(0)
             try:
                 self.engine.insert(slot, request.prompt_ids, max_new_tokens=request.max_tokens,
                                    sampling=request.sampling, stop_token_ids=sorted(gen.stop_token_ids))
@@ -186,8 +190,24 @@ class Scheduler:
                 gen.fail(500, f"{type(e).__name__}: {e}")
                 done = True
             if done:
-                self.completed += 1
                 self._release(slot)
+                if gen.finish_reason != "error":
+                    self._deliver(gen)
+
+    def _deliver(self, gen: Generation):
+        """Sends a complete request its final event, with the log-probabilities it asked for."""
+        request, scores = gen.request, None
+        if request.logprobs is not None:
+            try:
+                scores = self.engine.score(request.prompt_ids + gen.token_ids, len(request.prompt_ids),
+                                           request.sampling) if len(request.prompt_ids) + len(gen.token_ids) > 1 \
+                    else None
+            except Exception as e:  # noqa: BLE001
+                self.log(f"scoring failed:\n{traceback.format_exc()}")
+                gen.fail(500, f"Computing the log-probabilities failed: {type(e).__name__}: {e}")
+                return
+        self.completed += 1
+        gen.done(scores)
 
     def _release(self, slot: int):
         self._active.pop(slot, None)
